@@ -1,0 +1,1 @@
+"""calib: see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""rounding: see DESIGN.md."""
