@@ -1,0 +1,76 @@
+"""The codebook interface shared by every method: fit parameters, then encode / decode through row tables."""
+
+from __future__ import annotations
+
+import torch
+
+from logart.quant.rows import from_rows, to_rows
+from logart.quant.spec import QuantSpec
+from logart.quant.table import decode_rows, encode_rows, neighbour_codes
+
+
+class Codebook:
+    """Base class. Subclasses implement `fit_rows` (per-row parameters) and `tables` (levels and bounds).
+
+    All public methods take and return tensors in the weight's own shape; `*_rows` methods work on the
+    [R, C] row view (see rows.py) and are what the search and rounding algorithms call in their loops.
+    """
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.bits = spec.bits
+
+    # --- to implement -------------------------------------------------------------------------------
+    def fit_rows(self, rows: torch.Tensor, **choice):
+        raise NotImplementedError
+
+    def tables(self, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels [R, M] ascending, bounds [R, M-1]) for every row."""
+        raise NotImplementedError
+
+    # --- row API (used by search/ and rounding/) ----------------------------------------------------
+    def encode_rows(self, rows: torch.Tensor, params) -> torch.Tensor:
+        return encode_rows(rows, self.tables(params)[1])
+
+    def fake_quant_rows(self, rows: torch.Tensor, params) -> torch.Tensor:
+        levels, bounds = self.tables(params)
+        return decode_rows(encode_rows(rows, bounds), levels)
+
+    # --- weight API ---------------------------------------------------------------------------------
+    def rows(self, w: torch.Tensor) -> torch.Tensor:
+        return to_rows(w, self.spec.group_size)
+
+    def fit(self, w: torch.Tensor, **choice):
+        """Per-row parameters for `w`. Keyword choices (k, s, clip...) come from a search; omitted ones
+        take the data-free default."""
+        return self.fit_rows(self.rows(w), **choice)
+
+    def encode(self, w: torch.Tensor, params=None):
+        """(codes shaped like w, params). Codes index the row's sorted table (see table.py)."""
+        rows = self.rows(w)
+        if params is None:
+            params = self.fit_rows(rows)
+        return from_rows(self.encode_rows(rows, params), w.shape), params
+
+    def decode(self, codes: torch.Tensor, params) -> torch.Tensor:
+        shape = codes.shape
+        levels, _ = self.tables(params)
+        return from_rows(decode_rows(codes.reshape(levels.shape[0], -1), levels), shape)
+
+    def fake_quant(self, w: torch.Tensor, params=None) -> torch.Tensor:
+        """Quantize and dequantize: the weight the quantized model computes with (float32)."""
+        rows = self.rows(w)
+        if params is None:
+            params = self.fit_rows(rows)
+        return from_rows(self.fake_quant_rows(rows, params), w.shape)
+
+    def neighbours(self, w: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """The representable values just below and just above every weight (learned rounding picks one)."""
+        rows = self.rows(w)
+        levels, _ = self.tables(params)
+        lo, hi = neighbour_codes(rows, levels)
+        return from_rows(decode_rows(lo, levels), w.shape), from_rows(decode_rows(hi, levels), w.shape)
+
+    def table_size(self) -> int:
+        """Number of table entries per row (2^n in strict mode)."""
+        raise NotImplementedError
