@@ -175,11 +175,7 @@ class LogCodebook(Codebook):
     def _values(self, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """s * 2^(e/2); with the hardware approximation odd half-exponents (only sqrt(2) levels have them)
         become 1.5 * 2^((e-1)/2), i.e. x << m plus x << (m-1)."""
-        v = torch.exp2(e.float() / 2)
-        if self.spec.hardware_approx:
-            odd = torch.remainder(e, 2) == 1
-            v = torch.where(odd, 1.5 * torch.exp2((e - 1).float() / 2), v)
-        return s[:, None] * v
+        return s[:, None] * level_values(e, self.spec.hardware_approx)
 
     # --- tables -------------------------------------------------------------------------------------
     def tables(self, p: LogParams):
@@ -233,6 +229,15 @@ class LogCodebook(Codebook):
         idx = torch.arange(2 * L, device=e.device)[None, :]
         levels = torch.gather(full, 1, idx + (idx >= drop).long())
         return levels, _strict_bounds(levels)
+
+
+def level_values(e: torch.Tensor, hardware_approx: bool) -> torch.Tensor:
+    """2^(e/2) for half-unit exponents e, as mantissa * 2^floor(e/2) with mantissa 1 or sqrt(2) (1.5 with the
+    hardware approximation). Written with ldexp so that a level factors *exactly* into a per-row power of two
+    and a small table entry: the packed runtime (io/) multiplies them back bit for bit."""
+    odd = torch.remainder(e, 2) == 1
+    mantissa = torch.where(odd, 1.5 if hardware_approx else math.sqrt(2.0), 1.0).to(torch.float32)
+    return torch.ldexp(mantissa, torch.div(e, 2, rounding_mode="floor").to(torch.int32))
 
 
 def _strict_bounds(levels: torch.Tensor) -> torch.Tensor:
