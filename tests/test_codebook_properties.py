@@ -158,3 +158,16 @@ def test_group_wise_equals_per_channel_on_the_split_matrix(mode):
         grouped = make_codebook(QuantSpec(method, 4, group_size=16, mode=mode)).fake_quant(w)
         split = make_codebook(QuantSpec(method, 4, group_size=-1, mode=mode)).fake_quant(w.reshape(-1, 16))
         assert torch.equal(grouped.reshape(-1, 16), split)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_tables_factor_exactly(data):
+    """levels == row_scale * rel bit for bit: the packed runtime dequantizes to the fake-quant weights."""
+    w, gs = data.draw(weights())
+    spec = data.draw(specs())
+    cb = make_codebook(QuantSpec(group_size=gs, **spec))
+    p = cb.fit(w, **data.draw(choices(spec)))
+    levels, _ = cb.tables(p)
+    row_scale, rel = cb.factored_tables(p)
+    assert torch.equal(row_scale[:, None] * rel, levels)

@@ -172,16 +172,27 @@ class LogCodebook(Codebook):
         e = torch.where(j < kpc, p.top[:, None] - j, 2 * e2[:, None] - 2 * (j - kpc))
         return e, kp, t_exp
 
-    def _values(self, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """s * 2^(e/2); with the hardware approximation odd half-exponents (only sqrt(2) levels have them)
-        become 1.5 * 2^((e-1)/2), i.e. x << m plus x << (m-1)."""
-        return s[:, None] * level_values(e, self.spec.hardware_approx)
+    def row_scale(self, p: LogParams) -> torch.Tensor:
+        """s * 2^floor(top/2): the per-row factor of every level (exact: a power of two times s)."""
+        return torch.ldexp(p.s, torch.div(p.top, 2, rounding_mode="floor").to(torch.int32))
+
+    def _values(self, e: torch.Tensor, p: LogParams, factored: bool) -> torch.Tensor:
+        """s * 2^(e/2), computed as row_scale * rel with rel = 2^((e - 2*floor(top/2))/2) so that the packed
+        runtime's row_scale * table[code] reproduces every level bit for bit. With the hardware approximation
+        odd half-exponents (only sqrt(2) levels have them) become 1.5 * 2^((e-1)/2): x << m plus x << (m-1)."""
+        rel = level_values(e - 2 * torch.div(p.top, 2, rounding_mode="floor")[:, None], self.spec.hardware_approx)
+        return rel if factored else self.row_scale(p)[:, None] * rel
 
     # --- tables -------------------------------------------------------------------------------------
     def tables(self, p: LogParams):
         return self._strict_tables(p) if self.strict else self._reference_tables(p)
 
-    def _reference_tables(self, p: LogParams):
+    def factored_tables(self, p: LogParams):
+        """(row_scale [R], rel [R, M]) with levels == row_scale[:, None] * rel exactly."""
+        build = self._strict_tables if self.strict else self._reference_tables
+        return self.row_scale(p), build(p, factored=True)[0]
+
+    def _reference_tables(self, p: LogParams, factored: bool = False):
         L, P = self.L, self.P
         e, kp, t_exp = self._ladder(p)
         s = p.s
@@ -192,7 +203,7 @@ class LogCodebook(Codebook):
         j = torch.arange(P, device=e.device)[None, :]
         # The smallest used slot fills the unused ones; their intervals end up empty (equal bounds).
         e = torch.where(j < used, e, torch.gather(e, 1, used - 1))
-        levels_td = self._values(e, s)                                # top-down magnitudes [R, P]
+        levels_td = self._values(e, p, factored)                      # top-down magnitudes [R, P]
         # Bound below slot j-1 (between slots j and j-1): midpoint in the exponent domain, scaled by s.
         b_td = s[:, None] * torch.exp2((e[:, 1:] + e[:, :-1]).float() / 4)   # [R, P-1], for j = 1..P-1
         # The base-2 / sqrt(2) switch compares the unscaled |w| with T (quirk Q7).
@@ -212,10 +223,10 @@ class LogCodebook(Codebook):
         bounds = torch.cat([neg_bounds, pos_bounds], 1)
         return levels, bounds
 
-    def _strict_tables(self, p: LogParams):
+    def _strict_tables(self, p: LogParams, factored: bool = False):
         L = self.L
         e, _, _ = self._ladder(p)
-        vals = self._values(e, p.s)                                   # [R, 3L] top-down
+        vals = self._values(e, p, factored)                           # [R, 3L] top-down
         a = p.asym.abs()
         pos_small = p.asym > 0                                        # the smaller sign holds the zero code
         win = torch.arange(L, device=e.device)[None, :]

@@ -58,6 +58,11 @@ class UniformCodebook(Codebook):
         levels = p.scale[:, None] * (q - p.zero[:, None])
         return levels, 0.5 * (levels[:, 1:] + levels[:, :-1])
 
+    def factored_tables(self, p: UniformParams):
+        """(row_scale [R], rel [R, M]) with levels == row_scale[:, None] * rel exactly."""
+        q = torch.arange(self.maxq + 1, device=p.scale.device, dtype=torch.float32)[None, :]
+        return p.scale, q - p.zero[:, None]
+
     # Arithmetic fast paths; identical to the table path except exactly on a midpoint (round half to even).
     def encode_rows(self, rows, p: UniformParams):
         return torch.clamp(torch.round(rows / p.scale[:, None]) + p.zero[:, None], 0, self.maxq).long()
