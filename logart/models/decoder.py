@@ -1,0 +1,135 @@
+"""Architecture knowledge for decoder-only LMs, found generically (no per-architecture code, DESIGN.md):
+the stack of decoder blocks, the Linear layers in a block, and the inputs the first block receives.
+
+The block stack is the ModuleList of same-class modules that holds the most parameters: `model.layers`
+(LLaMA, Mistral, Qwen2, Gemma, Phi), `model.decoder.layers` (OPT), `transformer.h` (GPT-2 family). Lists
+nested inside a block (MoE experts) always hold fewer parameters than the list of blocks around them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from logart.errors import LogartError
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """A non-empty ModuleList of same-class composite modules (not of bare layers) that carry parameters."""
+    children = list(module.children())
+    return (isinstance(module, nn.ModuleList) and len(children) > 0
+            and len({type(c) for c in children}) == 1
+            and any(True for _ in children[0].children()) and any(True for _ in children[0].parameters()))
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, in execution order."""
+    candidates = [m for m in model.modules() if _is_block_list(m)]
+    if not candidates:
+        raise LogartError(f"this model has no decoder blocks logart can find: {type(model).__name__} has no "
+                          "nn.ModuleList of identical blocks with parameters.",
+                          "pass a Hugging Face decoder LM (LLaMA, Mistral, Qwen2, Gemma, Phi, OPT, GPT-2 style).")
+    return max(candidates, key=_n_params)
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` of a block by qualified name (`self_attn.q_proj`, ...), in registration order.
+
+    GPT-2's `Conv1D` is not an `nn.Linear` (its weight is transposed) and is not returned.
+    """
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+@dataclass
+class BlockInputs:
+    """What the first block receives: `hidden[n, seqlen, d]` (fp32, one row per window, on the CPU) and the
+    keyword arguments of its call (attention mask, position ids / embeddings, cache switched off).
+
+    The kwargs are the first window's; with batch 1 and one seqlen they are the same for every window.
+    """
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def _named_arguments(module: nn.Module, args: tuple, kw: dict) -> dict:
+    """A block call as one dict by parameter name. GPT-2 passes the attention mask positionally, LLaMA by
+    keyword: binding to the signature makes both replayable as `block(hidden, **kwargs)`."""
+    signature = inspect.signature(module.forward)
+    named = {}
+    for name, value in signature.bind(*args, **kw).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
+    """Run each window (batch 1) into the first block and record its inputs, then stop the forward.
+
+    A forward pre-hook with `with_kwargs=True` sees exactly what the model passes to its first block,
+    whatever the architecture: no per-model "Catcher" class as in the reference code.
+    """
+    first = decoder_layers(model)[0]
+    device = next(model.parameters()).device
+    hidden: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def hook(module, args, kw):
+        named = _named_arguments(module, args, kw)
+        x = named.pop(next(iter(named)))  # the first parameter is the hidden states in every HF block
+        hidden.append(x.detach().float().cpu())
+        if not kwargs:
+            kwargs.update({k: _detach(v) for k, v in named.items()})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        # no_grad, not inference_mode: inference tensors could not be reused later under autograd
+        # (block reconstruction backpropagates through blocks fed with these inputs).
+        with torch.no_grad():
+            for window in windows:
+                try:
+                    model(input_ids=window[None].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(hidden) != len(windows):
+        raise LogartError("the first decoder block was not called for every window.",
+                          "check that the model's forward runs its decoder blocks (no cached outputs).")
+    # A cache object or use_cache=True in the kwargs would make block-by-block calls grow a KV cache.
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return BlockInputs(torch.cat(hidden), kwargs)
+
+
+def block_output(output) -> torch.Tensor:
+    """The hidden states a block returns: some blocks return a tensor, others a tuple (hidden, attn, ...)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Call one block on `hidden[b, seqlen, d]` with the captured kwargs and return its output hidden states."""
+    return block_output(block(hidden, **kwargs))
