@@ -1,0 +1,210 @@
+"""The logart checkpoint: a Hugging Face style folder that holds real n-bit packed weights.
+
+    DIR/config.json          the model config + `quantization_config` (quant_method "logart", format version,
+                             codebook, recipe, the packed module names, producer version)
+    DIR/model.safetensors    packed codes, row scales, dequant tables, and the untouched fp tensors;
+                             its metadata holds a sha256 per tensor, so corruption is detected on load
+    DIR/tokenizer files, generation_config.json
+
+Writes go to a temporary folder beside DIR and are renamed into place; an existing DIR is never replaced
+unless the caller says so. Loading checks every tensor's presence, shape, dtype and checksum and fails with
+one clear message; it never leaves a weight randomly initialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import logart
+from logart.io.linear import LogLinear
+from logart.quant import LogartError
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _module(model, name: str):
+    return model.get_submodule(name)
+
+
+def _set_module(model, name: str, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def pack_model(model, layers: dict) -> list[str]:
+    """Replace every quantized `nn.Linear` (name -> (codebook, params)) by a `LogLinear` in place."""
+    names = []
+    for name, (codebook, params) in layers.items():
+        linear = _module(model, name)
+        if isinstance(linear, LogLinear):
+            continue
+        _set_module(model, name, LogLinear.from_linear(linear, codebook, params))
+        names.append(name)
+    return sorted(layers)
+
+
+def _unique_state(model) -> dict:
+    """The state dict without aliases (tied embeddings share storage; safetensors refuses shared tensors)."""
+    # named_parameters() lists a shared parameter once (by identity), which also works on the meta device.
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
+
+
+def _write_atomically(directory: Path, write, overwrite: bool):
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise LogartError(f"{directory} already exists and is not empty; logart never overwrites a folder by accident.",
+                          "choose another --output folder, or pass overwrite=True / --overwrite.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str]) -> dict:
+    return {"quant_method": "logart", "format_version": FORMAT_VERSION, **codebook_spec, "recipe": recipe,
+            "modules": modules, "producer": f"logart {logart.__version__}"}
+
+
+def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
+    """Pack `model` in place (see `pack_model`) and write the checkpoint folder. `layers` maps module names
+    to (codebook, params) as returned by `logart.quantize`; `recipe` is the `Recipe` used."""
+    modules = pack_model(model, layers)
+    state = _unique_state(model)
+    meta = {"format": "pt", "logart.format_version": str(FORMAT_VERSION),
+            "logart.sha256": json.dumps({k: _sha256(v) for k, v in state.items()})}
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = quantization_config(recipe.codebook.to_dict(), recipe.to_dict(), modules)
+
+    def write(tmp: Path):
+        save_file(state, tmp / WEIGHTS, metadata=meta)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    _write_atomically(Path(directory), write, overwrite)
+    return Path(directory)
+
+
+def read_quantization_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise LogartError(f"{directory} has no config.json, so it is not a logart checkpoint.",
+                          "pass the folder written by `logart quantize --output`.")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LogartError(f"{path} is not valid JSON ({e}).", "the checkpoint is damaged; re-export it.") from e
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "logart":
+        raise LogartError(f"{directory} is not a logart checkpoint (quant_method {qc.get('quant_method')!r}).",
+                          "load it with transformers directly, or pass a folder written by logart.")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise LogartError(f"{directory} uses logart format version {qc.get('format_version')}; this logart "
+                          f"({logart.__version__}) reads version {FORMAT_VERSION}.",
+                          "re-export the checkpoint with this logart version.")
+    return config
+
+
+def _read_tensors(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise LogartError(f"{path} is missing.", "the checkpoint is incomplete; re-export it.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise LogartError(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or corrupted.",
+                          "re-export the checkpoint.") from e
+    return tensors, meta
+
+
+def build_skeleton(config: dict):
+    """The model's architecture without weights (meta device), its quantized linears replaced by empty
+    `LogLinear` shells of the right shapes."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qc = config["quantization_config"]
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    hf_config = AutoConfig.for_model(**cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return model, qc
+
+
+def load_quantized(directory, device: str = "cpu"):
+    """(model, tokenizer or None) from a folder written by `save_quantized`, weights checked one by one."""
+    directory = Path(directory)
+    config = read_quantization_config(directory)
+    tensors, meta = _read_tensors(directory / WEIGHTS)
+    model, qc = build_skeleton(config)
+    for name in qc["modules"]:
+        try:
+            linear = _module(model, name)
+        except AttributeError as e:
+            raise LogartError(f"the checkpoint lists a quantized module {name!r} that this architecture lacks.",
+                              "the config and weights do not belong together; re-export the checkpoint.") from e
+        tables = tensors.get(f"{name}.tables")
+        n_tables = tables.shape[0] if tables is not None and tables.dim() == 2 else 1
+        _set_module(model, name, LogLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                                           n_tables, bias=linear.bias is not None))
+    expected = _unique_state(model)
+    missing = [k for k in expected if k not in tensors]
+    extra = [k for k in tensors if k not in expected]
+    if missing:
+        raise LogartError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}.",
+                          "the file is incomplete or from another model; re-export it (logart never fills "
+                          "missing weights at random).")
+    if extra:
+        raise LogartError(f"the checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:3]}.",
+                          "the weights belong to another model or format; re-export the checkpoint.")
+    sums = json.loads(meta.get("logart.sha256", "{}"))
+    for k, ref in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
+            raise LogartError(f"tensor {k} has shape {tuple(t.shape)} / {t.dtype}, expected {tuple(ref.shape)} / {ref.dtype}.",
+                              "the checkpoint does not match its config; re-export it.")
+        if k in sums and _sha256(t) != sums[k]:
+            raise LogartError(f"tensor {k} fails its checksum: the file is corrupted.", "re-export the checkpoint.")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
+                          "the checkpoint is incomplete; re-export it.")
+    model.to(device).eval()
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return model, tokenizer

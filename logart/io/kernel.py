@@ -1,0 +1,110 @@
+"""The compiled CPU kernel for `LogLinear` (lut_kernel.cpp), built on first use with torch's cpp_extension.
+
+Small batches (decode) go through the fused kernel, which reads the packed codes and never materialises the
+weight; larger batches (prefill) dequantize once with the compiled kernel and hand the matmul to BLAS. If the
+extension cannot be built (no compiler), `LogLinear` keeps its pure-PyTorch path and logart says so once.
+
+    python -m logart.io.kernel     # build now (the Makefile's setup does this), print where it lives
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("lut_kernel.cpp")
+SMALL_BATCH = 8  # up to this many tokens per call use the fused product
+_ext = None
+_failed = False
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if (" avx2" in info and " fma" in info) else []
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("LOGART_CACHE", Path.home() / ".cache" / "logart"))
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(_cpu_flags() + ["omp"]).encode() + torch.__version__.encode()).hexdigest()[:12]
+    d = root / "kernels" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load(verbose: bool = False):
+    """The compiled extension, or None where it cannot be built."""
+    global _ext, _failed
+    if _ext is not None or _failed:
+        return _ext
+    try:
+        from torch.utils.cpp_extension import load as load_ext
+        _ext = load_ext(name="logart_lut", sources=[str(SOURCE)], build_directory=str(build_dir()),
+                        extra_cflags=["-O3", "-fopenmp", *_cpu_flags()], extra_ldflags=["-fopenmp"],
+                        verbose=verbose)
+    except Exception as e:  # a missing compiler or headers: keep working on the reference path
+        _failed = True
+        warnings.warn(f"logart: the CPU kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                      "packed layers use the slower pure-PyTorch path.")
+    return _ext
+
+
+def _padded_input(layer, x2: torch.Tensor) -> torch.Tensor:
+    """[B, in] -> [B, G, len_pad]: each row's inputs, zero padded to whole 32-code chunks."""
+    B = x2.shape[0]
+    g = layer.in_features if layer.group_size == -1 else layer.group_size
+    G = layer.in_features // g
+    pad = (-g) % 32
+    xg = x2.reshape(B, G, g)
+    return F.pad(xg, (0, pad)).contiguous() if pad else xg.contiguous()
+
+
+def lut_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    ext = load()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)
+    if layer.group_size == 0:  # per-tensor rows do not follow output channels: reference path
+        y = F.linear(x2, layer.dequantize(), layer.bias)
+    elif x2.shape[0] <= SMALL_BATCH:
+        g = layer.in_features if layer.group_size == -1 else layer.group_size
+        y = ext.lut_gemv(layer.qweight, layer.row_scale, layer.table_index, layer.tables, _padded_input(layer, x2),
+                         layer.bits, layer.out_features, layer.in_features // g, g)
+        if layer.bias is not None:
+            y = y + layer.bias
+    else:
+        g = layer.in_features if layer.group_size == -1 else layer.group_size
+        w = ext.lut_dequant(layer.qweight, layer.row_scale, layer.table_index, layer.tables, layer.bits, g)
+        y = F.linear(x2, w.reshape(layer.out_features, layer.in_features), layer.bias)
+    return y.reshape(*lead, layer.out_features)
+
+
+def enable(model) -> int:
+    """Route every LogLinear of `model` through the compiled kernel. Returns how many layers use it."""
+    from logart.io.linear import LogLinear
+    if load() is None:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LogLinear):
+            m.kernel = lut_forward
+            n += 1
+    return n
+
+
+def disable(model) -> None:
+    from logart.io.linear import LogLinear
+    for m in model.modules():
+        if isinstance(m, LogLinear):
+            m.kernel = None
+
+
+if __name__ == "__main__":
+    ext = load(verbose=True)
+    print("logart kernel:", "built in " + str(build_dir()) if ext is not None else "NOT available")

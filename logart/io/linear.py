@@ -1,0 +1,89 @@
+"""`LogLinear`: a Linear layer that keeps its weight as packed n-bit codes and dequantizes by table lookup.
+
+Per row (output channel, or group of `group_size` inputs) the weight is
+
+    W[row, c] = row_scale[row] * tables[table_index[row], code[row, c]]
+
+`tables` is the layer's small dequant table: the distinct relative value tables of its rows (a log codebook
+has one per base split k, ABS shift and exponent parity: a few dozen at most), so any runtime can dequantize
+with one gather and one multiply. The factorisation is exact (`Codebook.factored_tables`): the packed layer
+computes with bit-identical weights to the fake-quantized model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from logart.quant import LogartError, pack, packed_length, unpack
+from logart.quant.rows import PER_CHANNEL, PER_TENSOR
+
+
+def row_geometry(out_features: int, in_features: int, group_size: int) -> tuple[int, int]:
+    """(rows, row length) of the row view used by the codebooks (quant/rows.py)."""
+    if group_size == PER_CHANNEL:
+        return out_features, in_features
+    if group_size == PER_TENSOR:
+        return 1, out_features * in_features
+    return out_features * (in_features // group_size), group_size
+
+
+class LogLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1, n_tables: int = 1,
+                 bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        rows, length = row_geometry(out_features, in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(rows, packed_length(length, bits), dtype=torch.int32))
+        self.register_buffer("row_scale", torch.zeros(rows, dtype=torch.float32))
+        self.register_buffer("table_index", torch.zeros(rows, dtype=torch.int32))
+        self.register_buffer("tables", torch.zeros(n_tables, 2 ** bits, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.kernel = None  # set by logart.io.kernel when the compiled CPU kernel is available
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, codebook, params) -> "LogLinear":
+        """Pack a linear layer whose weight already lies on `codebook` with `params` (the quantizer's output)."""
+        bits = codebook.bits
+        if codebook.table_size() > 2 ** bits:
+            raise LogartError(f"a {codebook.spec.mode}-mode codebook uses {codebook.table_size()} table entries per "
+                              f"row, more than {bits}-bit codes can index.",
+                              "quantize in strict mode to pack, or export a dequantized checkpoint.")
+        w = linear.weight.detach().float()
+        rows = codebook.rows(w)
+        codes = codebook.encode_rows(rows, params)
+        row_scale, rel = codebook.factored_tables(params)
+        if not torch.equal(row_scale[:, None] * torch.gather(rel, 1, codes), rows):
+            raise LogartError("the layer's weights are not on its codebook, so packing would change them.",
+                              "pack the model returned by logart.quantize without editing its weights.")
+        tables, index = torch.unique(rel, dim=0, return_inverse=True)
+        m = cls(linear.in_features, linear.out_features, bits, codebook.spec.group_size, tables.shape[0],
+                bias=linear.bias is not None)
+        m.qweight.copy_(pack(codes, bits))
+        m.row_scale.copy_(row_scale)
+        m.table_index.copy_(index.to(torch.int32))
+        m.tables.copy_(tables)
+        if linear.bias is not None:
+            m.bias.data.copy_(linear.bias.detach().float())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        rows, length = row_geometry(self.out_features, self.in_features, self.group_size)
+        return unpack(self.qweight, self.bits, length)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] (the reference path; the kernel never materialises it)."""
+        rel = self.tables[self.table_index.long()]
+        rows = self.row_scale[:, None] * torch.gather(rel, 1, self.codes())
+        return rows.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            return self.kernel(self, x)
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, tables={self.tables.shape[0]}")
