@@ -1,0 +1,44 @@
+"""The Python entry point: `logart.quantize(model, recipe, calib)`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from logart.calib.driver import LayerRecord, quantize_model
+from logart.recipes import Recipe, make_recipe
+
+
+@dataclass
+class QuantizationResult:
+    model: torch.nn.Module
+    recipe: Recipe
+    layers: list[LayerRecord] = field(default_factory=list)
+    params: dict = field(default_factory=dict)   # module name -> (codebook, params): what save_quantized packs
+    seconds: float = 0.0
+
+    def k_histogram(self) -> dict:
+        hist: dict = {}
+        for rec in self.layers:
+            for k, n in rec.k_hist.items():
+                hist[k] = hist.get(k, 0) + n
+        return dict(sorted(hist.items(), reverse=True))
+
+
+def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
+             log=print, **recipe_options) -> QuantizationResult:
+    """Quantize the decoder linear layers of a Hugging Face causal LM in place.
+
+    recipe: a `Recipe` or a preset name (`logart`, `logart-fast`, `log2-rtn`, `rtn`, `gptq`) with options
+        such as `bits=3, group_size=128`.
+    calib: LongTensor [nsamples, seqlen] of token windows (see `logart.data.calibration_set`); not needed by
+        data-free recipes.
+    """
+    if isinstance(recipe, str):
+        recipe = make_recipe(recipe, **recipe_options)
+    t0 = time.perf_counter()
+    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log)
+    return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
+                              seconds=time.perf_counter() - t0)

@@ -1,0 +1,144 @@
+"""The block-sequential driver: one generic loop for every decoder-only model.
+
+    capture the first block's inputs  ->  for each block:
+        gather the Gram/Hessian of every distinct linear input (one accumulator per shared input)
+        for each linear: search its codebook parameters, round its weights, write them back
+        recompute the block's outputs with the quantized weights: the next block's inputs
+
+Memory is bounded by the model, one block's working set and the cached activations
+(nsamples x seqlen x hidden floats). Statistics of a block are gathered before any of its layers is
+quantized (the original's aespa-style order, spec §4.3).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from logart.calib.hessian import HessianAccumulator
+from logart.calib.layer import quantize_linear
+from logart.models.decoder import block_output, capture_block_inputs, decoder_layers, linear_layers
+from logart.quant import make_codebook
+from logart.recipes import Recipe
+
+
+@dataclass
+class LayerRecord:
+    """One line of the per-layer log (printed, and saved in report.json)."""
+
+    name: str
+    shape: tuple
+    k_hist: dict
+    s_range: tuple
+    loss_before: float     # Δw H Δwᵀ summed over rows, plain RTN at k = L, s = 1 (the log2 baseline)
+    loss_after: float      # the same for the final weights
+    seconds: float
+    dead_inputs: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        ks = " ".join(f"k{k}:{n}" for k, n in sorted(self.k_hist.items(), reverse=True))
+        return (f"{self.name:38s} {str(tuple(self.shape)):12s} loss {self.loss_before:10.4g} -> {self.loss_after:10.4g}"
+                f"  s {self.s_range[0]:.2f}-{self.s_range[1]:.2f}  {ks}  {self.seconds:5.1f}s")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def propagate(block, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block applied to every cached sample (batch 1: bounded memory, same numerics as evaluation)."""
+    out = torch.empty_like(inputs)
+    for i in range(inputs.shape[0]):
+        out[i] = block_output(block(inputs[i:i + 1], **kwargs))[0]
+    return out
+
+
+@torch.no_grad()
+def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> dict:
+    """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so one
+    probe forward groups the layers by input and only the first of each group is hooked."""
+    seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
+
+    def probe(name):
+        def hook(_m, args):
+            seen[name] = args[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(probe(n)) for n, m in linears.items()]
+    try:
+        block(inputs[:1], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for name in linears:
+        x = seen.get(name)
+        key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (name,)
+        groups.setdefault(key, []).append(name)
+    seen.clear()
+    accs = {members[0]: HessianAccumulator(linears[members[0]].in_features) for members in groups.values()}
+
+    def collect(name):
+        def hook(_m, args):
+            accs[name].add_batch(args[0])
+        return hook
+
+    handles = [linears[n].register_forward_pre_hook(collect(n)) for n in accs]
+    try:
+        for i in range(inputs.shape[0]):
+            block(inputs[i:i + 1], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: accs[members[0]] for members in groups.values() for name in members}
+
+
+def _selected(linears: dict, ignore) -> dict:
+    pats = [re.compile(p) for p in ignore]
+    return {n: m for n, m in linears.items() if not any(p.search(n) for p in pats)}
+
+
+def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
+                   on_block_done=None, start_block: int = 0) -> tuple[list[LayerRecord], dict]:
+    """Quantize every linear layer inside the decoder blocks of `model` in place; embeddings, norms and the
+    lm_head stay in full precision. Returns the per-layer records and {module name: (codebook, params)}."""
+    torch.manual_seed(recipe.seed)
+    blocks = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    params: dict = {}
+    cb = make_codebook(recipe.codebook)
+    records: list[LayerRecord] = []
+    inputs, kwargs = (None, None)
+    if recipe.needs_calibration:
+        if calib is None:
+            raise ValueError("this recipe needs calibration windows")
+        captured = capture_block_inputs(model, calib)
+        inputs, kwargs = captured.hidden, captured.kwargs
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+    for b in bar:
+        block = blocks[b]
+        linears = _selected(linear_layers(block), recipe.ignore)
+        if b < start_block:  # already quantized in an earlier, interrupted run: only move the activations on
+            if inputs is not None:
+                inputs = propagate(block, inputs, kwargs)
+            continue
+        t0 = time.perf_counter()
+        hessians = block_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
+        for name, layer in linears.items():
+            full = f"{prefix}.{b}.{name}"
+            bar.set_postfix_str(name)
+            rec, p = quantize_linear(layer, cb, recipe, hessians.get(name), name=full, progress=progress)
+            records.append(rec)
+            params[full] = (cb, p)
+            if log:
+                log(rec.line())
+        if inputs is not None:
+            inputs = propagate(block, inputs, kwargs)
+        if on_block_done is not None:
+            on_block_done(b, time.perf_counter() - t0)
+    return records, params

@@ -1,0 +1,55 @@
+"""One linear layer: statistics -> codebook parameters (search) -> codes (rounding) -> weights written back."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from logart.models.roles import is_qkv
+from logart.rounding import LLRConfig, gptq, hessian_loss, learned_rounding, rtn
+from logart.search import HessianScore, WeightSSE, default_k_values, default_s_values, search
+
+
+def _k_hist(result) -> dict:
+    return {int(k): int(n) for k, n in result.k_hist.items()} if result.k_hist else {}
+
+
+def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str = "", progress: bool = False):
+    """Quantize `layer` in place. `hessian`: its HessianAccumulator (None for data-free recipes).
+    Returns (LayerRecord, codebook params)."""
+    from logart.calib.driver import LayerRecord  # the record type lives with the driver that prints it
+
+    t0 = time.perf_counter()
+    W = layer.weight.detach().float().clone()
+    H, dead = None, None
+    if hessian is not None:
+        H, dead = hessian.finalize(damp=recipe.damp)
+        W[:, dead] = 0  # inputs that never fired: their weights cannot matter, and H is only damped there
+    score = HessianScore(H) if (H is not None and recipe.score == "hessian") else WeightSSE()
+    found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.dbs), default_s_values(cb, recipe.sfs),
+                   strategy=recipe.search)
+    params = found.params
+    if recipe.rounding.startswith("gptq"):
+        rounded = gptq(W, H, cb, params, act_order=recipe.act_order)
+    else:
+        rounded = rtn(W, cb, params)
+    if recipe.rounding.endswith("llr"):
+        lam = recipe.llr_lambda_qkv if is_qkv(name) else recipe.llr_lambda
+        config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
+        rounded = learned_rounding(W, H, cb, params, source=rounded.source, config=config)
+    W_hat = rounded.weight.reshape(W.shape)
+    layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
+    if H is not None:
+        after = hessian_loss(W_hat - W, H)
+        before = found.baseline_loss if recipe.score == "hessian" else float("nan")
+    else:
+        after = float((W_hat - W).pow(2).sum())
+        before = found.baseline_loss
+    s = found.s.float()
+    record = LayerRecord(name=name, shape=tuple(W.shape), k_hist=_k_hist(found),
+                         s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
+                         seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
+                         extra={"search_loss": found.loss, "search_strategy": found.strategy,
+                                **{k: v for k, v in rounded.info.items() if isinstance(v, (int, float, str))}})
+    return record, params

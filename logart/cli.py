@@ -1,0 +1,147 @@
+"""The `logart` command.
+
+    logart quantize --model smollm2-135m --bits 3 [--group-size 128] [--recipe logart] [--output DIR]
+    logart eval DIR                    # reload a packed checkpoint and measure its perplexity
+    logart generate DIR "prompt"       # greedy text from a packed checkpoint
+    logart demo [--full]               # the README's first command
+
+Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from logart.quant import LogartError
+from logart.recipes import PRESETS, make_recipe
+
+
+def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
+    d = defaults or {}
+    p.add_argument("--model", default=d.get("model", "smollm2-135m"),
+                   help="embedded name (smollm2-135m), a local Hugging Face folder, or a local .gguf file")
+    p.add_argument("--recipe", default=d.get("recipe", "logart"), choices=list(PRESETS))
+    p.add_argument("--bits", type=int, default=d.get("bits", 4))
+    p.add_argument("--group-size", type=int, default=-1, help="-1 per output channel (default), or e.g. 128")
+    p.add_argument("--mode", default="strict", choices=["strict", "reference"],
+                   help="strict: packable n-bit codes (default); reference: the original code's numerics")
+    p.add_argument("--hardware-approx", action="store_true", help="1 + 1/2 multiplier-free sqrt(2) levels")
+    p.add_argument("--rounding", choices=["rtn", "gptq", "llr", "gptq+llr"], help="override the recipe's rounding")
+    p.add_argument("--search", choices=["fast", "exhaustive"], help="override the recipe's (k, s) search")
+    p.add_argument("--llr-iters", type=int, help="learned-rounding iterations per layer (recipe default 500)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="keep matching linear layers (e.g. 'mlp.down_proj') in full precision; repeatable")
+    p.add_argument("--calib", default="news", help="news (packaged), wikipedia, or a local .txt/.jsonl/.json(.gz) file")
+    p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
+    p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--eval-fp32", action="store_true", help="also measure the full-precision model first")
+    p.add_argument("--output", default=d.get("output"), help="checkpoint folder (never overwritten by accident)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--results", help="results.csv to append to (default: beside --output)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _recipe_from(args):
+    overrides = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                 "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore)}
+    for name in ("rounding", "search", "llr_iters"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return make_recipe(args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode, **overrides)
+
+
+def _options_from(args):
+    from logart.pipeline import RunOptions
+    return RunOptions(model=args.model, output=args.output, calib=args.calib,
+                      eval=None if args.no_eval else args.eval,
+                      eval_windows=None if args.eval_windows == 0 else args.eval_windows, eval_fp32=args.eval_fp32,
+                      results=args.results, overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
+
+
+def cmd_quantize(args):
+    from logart.pipeline import run
+    run(_recipe_from(args), _options_from(args))
+
+
+def cmd_demo(args):
+    from logart.pipeline import run
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.output = args.output or f"runs/demo-{stamp}"
+    args.recipe = "logart" if args.full else "logart-fast"
+    print(f"logart demo: {'full LogART recipe (DBS+SFS+ABS+LLR)' if args.full else 'LogART without learned rounding'}"
+          f" on {args.model}, W{args.bits} per channel -> {args.output}")
+    run(_recipe_from(args), _options_from(args))
+
+
+def cmd_eval(args):
+    from logart.data import eval_set
+    from logart.eval.perplexity import perplexity
+    from logart.io.checkpoint import load_quantized
+    from logart.io.kernel import enable
+    t = time.perf_counter()
+    model, tok = load_quantized(args.dir)
+    if tok is None:
+        raise LogartError(f"{args.dir} has no tokenizer files.", "save the checkpoint with its tokenizer (logart quantize does).")
+    n = enable(model)
+    print(f"loaded {args.dir} in {time.perf_counter() - t:.1f} s ({n} packed layers on the CPU kernel)")
+    windows = eval_set(tok, args.eval, seqlen=args.seqlen, max_windows=None if args.eval_windows == 0 else args.eval_windows)
+    ppl = perplexity(model, windows, progress=not args.quiet)
+    print(f"perplexity ({args.eval}, {windows.shape[0]} x {windows.shape[1]}): {ppl:.4f}")
+
+
+def cmd_generate(args):
+    from logart.eval.generate import generate_text
+    from logart.io.checkpoint import load_quantized
+    from logart.io.kernel import enable
+    model, tok = load_quantized(args.dir)
+    enable(model)
+    print(args.prompt + generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="logart", description="Logarithmic post-training quantization (LogART).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a causal LM, evaluate it and save a packed checkpoint")
+    _recipe_args(q)
+    q.set_defaults(func=cmd_quantize)
+    d = sub.add_parser("demo", help="quantize SmolLM2-135M at 4 bits, evaluate, save, report (minutes)")
+    _recipe_args(d, {"recipe": "logart-fast"})
+    d.add_argument("--full", action="store_true", help="the full recipe with learned rounding (much longer)")
+    d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("eval", help="perplexity of a saved logart checkpoint")
+    e.add_argument("dir")
+    e.add_argument("--eval", default="wikipedia")
+    e.add_argument("--eval-windows", type=int, default=16)
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    g = sub.add_parser("generate", help="greedy generation from a saved logart checkpoint")
+    g.add_argument("dir")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.set_defaults(func=cmd_generate)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LogartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

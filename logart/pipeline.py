@@ -1,0 +1,111 @@
+"""The end-to-end LLM run behind `logart quantize`: load -> calibrate -> quantize -> evaluate -> save -> record.
+
+Every step prints what it does; the run ends with a report.json beside the checkpoint and one row in
+results.csv. Defaults follow PROTOCOL.md (news calibration 32 x 2048, seed 0; Wikipedia eval 16 x 2048).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logart.api import quantize
+from logart.data import calibration_set, eval_set
+from logart.eval.generate import generate_text
+from logart.eval.perplexity import perplexity
+from logart.io.checkpoint import save_quantized
+from logart.models import detach_gguf, load_causal_lm
+from logart.quant import LogartError
+from logart.recipes import Recipe
+from logart.report import append_csv, now, peak_rss_gb, versions, write_json
+
+
+@dataclass
+class RunOptions:
+    model: str = "smollm2-135m"
+    output: str | None = None
+    calib: str = "news"
+    eval: str | None = "wikipedia"
+    eval_windows: int | None = 16
+    eval_fp32: bool = False
+    prompt: str = "The capital of France is"
+    results: str | None = None        # results.csv path; default: beside the output folder
+    overwrite: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_output(opts: RunOptions) -> None:
+    """Refuse a non-empty output folder before hours of work, not after."""
+    if opts.output and not opts.overwrite:
+        out = Path(opts.output)
+        if out.exists() and any(out.iterdir()):
+            raise LogartError(f"{out} already exists and is not empty; logart never overwrites a folder by accident.",
+                              "choose another --output folder, or pass --overwrite.")
+
+
+def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    _check_output(opts)
+    seed_everything(recipe.seed)
+    t = time.perf_counter()
+    model, tokenizer = load_causal_lm(opts.model)
+    model = detach_gguf(model)
+    log(f"loaded {opts.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
+        f"({time.perf_counter() - t:.0f} s)")
+    row = {"date": now(), "model": opts.model, "recipe": recipe.to_dict(), "calib": opts.calib, "eval": opts.eval,
+           "eval_windows": opts.eval_windows, "versions": versions()}
+    windows = None
+    if opts.eval:
+        windows = eval_set(tokenizer, opts.eval, seqlen=recipe.seqlen, max_windows=opts.eval_windows)
+        log(f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of {opts.eval}")
+        if opts.eval_fp32:
+            row["ppl_fp32"] = perplexity(model, windows, progress=opts.progress)
+            log(f"fp32 perplexity: {row['ppl_fp32']:.3f}")
+    calib = None
+    if recipe.needs_calibration:
+        calib = calibration_set(tokenizer, opts.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed)
+        log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens of {opts.calib} (seed {recipe.seed})")
+    log(f"quantizing with recipe {recipe.name}: {recipe.codebook.method} {recipe.codebook.bits}-bit, group "
+        f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.dbs else ''}"
+        f"{'SFS ' if recipe.sfs else ''}({recipe.score}), rounding {recipe.rounding}")
+    result = quantize(model, recipe, calib, progress=opts.progress, log=log)
+    row["quant_seconds"] = round(result.seconds, 1)
+    row["k_histogram"] = {str(k): v for k, v in result.k_histogram().items()}
+    log(f"quantized {len(result.layers)} linear layers in {result.seconds:.1f} s; chosen k: {row['k_histogram']}")
+    if windows is not None:
+        row["ppl"] = perplexity(model, windows, progress=opts.progress)
+        log(f"quantized perplexity: {row['ppl']:.3f}")
+    if opts.prompt:
+        row["sample"] = opts.prompt + generate_text(model, tokenizer, opts.prompt, max_new_tokens=24)
+        log(f"sample: {row['sample']!r}")
+    row["peak_rss_gb"] = round(peak_rss_gb(), 3)
+    report = dict(row, layers=[r.to_dict() for r in result.layers])
+    if opts.output:
+        out = Path(opts.output)
+        packable = recipe.codebook.mode == "strict"
+        if packable:
+            save_quantized(model, out, result.params, recipe, tokenizer=tokenizer, overwrite=opts.overwrite)
+            size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+            row["checkpoint_mb"] = round(size / 2 ** 20, 2)
+            log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
+        else:
+            log("reference mode cannot be packed into n-bit codes: no checkpoint written (use strict mode)")
+        report["checkpoint_mb"] = row.get("checkpoint_mb")
+        write_json(out / "report.json", report)
+    results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
+    append_csv(results, row)
+    log(f"appended the result row to {results}")
+    return report
