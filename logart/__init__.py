@@ -1,3 +1,22 @@
-"""logart: logarithmic post-training quantization (LogART) for PyTorch models."""
+"""logart: logarithmic post-training quantization (LogART) for PyTorch models.
+
+    result = logart.quantize(model, "logart", calib, bits=3)
+    logart.save_quantized(model, "out", result.params, result.recipe, tokenizer=tok)
+    model, tok = logart.load_quantized("out")
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: `import logart` stays cheap (no transformers import) until the API is used.
+    if name in ("quantize", "QuantizationResult"):
+        from logart import api
+        return getattr(api, name)
+    if name in ("save_quantized", "load_quantized"):
+        from logart.io import checkpoint
+        return getattr(checkpoint, name)
+    if name in ("make_recipe", "Recipe"):
+        from logart import recipes
+        return getattr(recipes, name)
+    raise AttributeError(f"module 'logart' has no attribute {name!r}")

@@ -1,0 +1,126 @@
+"""The whole LLM pipeline on tiny random models: every recipe, every architecture family, the CLI, bad input."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from logart import api
+from logart.cli import main
+from logart.eval.perplexity import perplexity
+from logart.models import byte_tokenizer, decoder_layers, linear_layers, tiny_causal_lm
+from logart.quant import LogartError
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt"]
+
+
+def _windows(n, length=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 250, (n, length), generator=g)
+
+
+def _on_codebook(result):
+    for name, (cb, p) in result.params.items():
+        w = result.model.get_submodule(name).weight.detach().float()
+        assert torch.equal(cb.fake_quant(w, p), w), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("recipe", ["logart-fast", "logart"])
+def test_logart_recipes_on_every_family(arch, recipe):
+    model = tiny_causal_lm(arch)
+    calib, ev = _windows(4), _windows(2, seed=1)
+    n_linear = sum(len(linear_layers(b)) for b in decoder_layers(model))
+    result = api.quantize(model, recipe, calib, bits=3, progress=False, log=None, llr_iters=20)
+    assert len(result.params) == len(result.layers) == n_linear
+    _on_codebook(result)
+    for rec in result.layers:
+        # the search never ends above its own starting point (log2, s = 1, round to nearest)
+        assert rec.extra["search_loss"] <= rec.loss_before * (1 + 1e-6), rec.line()
+        assert sum(rec.k_hist.values()) == rec.shape[0]
+    ppl = perplexity(model, ev, progress=False)
+    assert math.isfinite(ppl)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("recipe", ["rtn", "gptq", "log2-rtn"])
+def test_baseline_recipes(arch, recipe):
+    model = tiny_causal_lm(arch)
+    result = api.quantize(model, recipe, _windows(4), bits=4, progress=False, log=None)
+    _on_codebook(result)
+    assert math.isfinite(perplexity(model, _windows(2, seed=1), progress=False))
+
+
+def test_gptq_and_llr_lower_the_layer_loss():
+    """Same codebook parameters, smarter rounding: the H-weighted error of every layer goes down."""
+    losses = {}
+    for rounding in ("rtn", "gptq", "llr"):
+        model = tiny_causal_lm("llama")
+        r = api.quantize(model, "logart-fast", _windows(4), bits=3, rounding=rounding, llr_iters=200,
+                         progress=False, log=None)
+        losses[rounding] = sum(rec.loss_after for rec in r.layers)
+    assert losses["gptq"] < losses["rtn"]
+    assert losses["llr"] < losses["rtn"]
+
+
+def test_model_without_decoder_blocks():
+    with pytest.raises(LogartError, match="no decoder blocks"):
+        api.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), "rtn", None, progress=False, log=None)
+
+
+@pytest.fixture
+def local_model(tmp_path):
+    model = tiny_causal_lm("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    words = "the quick brown fox jumps over the lazy dog while logart quantizes every weight".split()
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (4000,), generator=g)))
+    return folder, text
+
+
+def _cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_cli_quantize_eval_generate(local_model, tmp_path, capsys):
+    folder, text = local_model
+    out = tmp_path / "q"
+    common = ["--nsamples", 4, "--seqlen", 64, "--calib", text, "--eval", text, "--eval-windows", 3, "--quiet"]
+    assert _cli("quantize", "--model", folder, "--bits", 4, "--recipe", "logart-fast", "--output", out, *common) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "model.safetensors").is_file() and report["recipe"]["name"] == "logart-fast"
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["ppl"]) == pytest.approx(report["ppl"])
+    capsys.readouterr()
+    assert _cli("eval", out, "--eval", text, "--seqlen", 64, "--eval-windows", 3, "--quiet") == 0
+    printed = capsys.readouterr().out
+    reloaded = float(printed.strip().split()[-1])
+    assert reloaded == pytest.approx(report["ppl"], rel=1e-4)
+    assert _cli("generate", out, "the quick", "--max-new-tokens", 4) == 0
+
+
+def test_cli_bad_input(local_model, tmp_path, capsys):
+    folder, text = local_model
+    out = tmp_path / "q"
+    cases = [
+        (["--model", "no-such-model"], "not an embedded model"),
+        (["--model", tmp_path / "missing-folder"], "not an embedded model"),
+        (["--model", folder, "--bits", 5], "5-bit weights are not supported"),
+        (["--model", folder, "--calib", tmp_path / "nope.txt"], "nope.txt"),
+        (["--model", folder, "--seqlen", 100000, "--calib", text], "tokens"),
+    ]
+    for args, message in cases:
+        code = _cli("quantize", *args, "--output", out, "--no-eval", "--quiet", "--nsamples", 2)
+        err = capsys.readouterr().err
+        assert code == 2, args
+        assert message in err and err.startswith("error:") and "Traceback" not in err, err
+        assert not out.exists(), "a failed run must not leave a half-written output"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _cli("quantize", "--model", folder, "--output", out, "--no-eval", "--quiet") == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
