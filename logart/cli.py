@@ -31,6 +31,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--rounding", choices=["rtn", "gptq", "llr", "gptq+llr"], help="override the recipe's rounding")
     p.add_argument("--search", choices=["fast", "exhaustive"], help="override the recipe's (k, s) search")
     p.add_argument("--llr-iters", type=int, help="learned-rounding iterations per layer (recipe default 500)")
+    p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
+    p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
+    p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -44,6 +47,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--output", default=d.get("output"), help="checkpoint folder (never overwritten by accident)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--results", help="results.csv to append to (default: beside --output)")
+    p.add_argument("--tag", help="a name for this run, recorded in its results row")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -51,9 +55,15 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
 def _recipe_from(args):
     overrides = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore)}
-    for name in ("rounding", "search", "llr_iters"):
+    for name in ("rounding", "search", "llr_iters", "sfs"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook
+        overrides["dbs"] = args.dbs
+        if not args.dbs:
+            overrides["method"] = "log2"
+    if args.abs is not None:
+        overrides["symmetric"] = not args.abs
     return make_recipe(args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode, **overrides)
 
 
@@ -62,7 +72,7 @@ def _options_from(args):
     return RunOptions(model=args.model, output=args.output, calib=args.calib,
                       eval=None if args.no_eval else args.eval,
                       eval_windows=None if args.eval_windows == 0 else args.eval_windows, eval_fp32=args.eval_fp32,
-                      results=args.results, overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
+                      results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
 
 
 def cmd_quantize(args):

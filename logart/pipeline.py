@@ -35,6 +35,7 @@ class RunOptions:
     eval_fp32: bool = False
     prompt: str = "The capital of France is"
     results: str | None = None        # results.csv path; default: beside the output folder
+    tag: str | None = None            # a name for the run, recorded in its row
     overwrite: bool = False
     threads: int | None = None
     progress: bool = True
@@ -65,7 +66,7 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     model = detach_gguf(model)
     log(f"loaded {opts.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
         f"({time.perf_counter() - t:.0f} s)")
-    row = {"date": now(), "model": opts.model, "recipe": recipe.to_dict(), "calib": opts.calib, "eval": opts.eval,
+    row = {"tag": opts.tag, "date": now(), "model": opts.model, "recipe": recipe.to_dict(), "calib": opts.calib, "eval": opts.eval,
            "eval_windows": opts.eval_windows, "versions": versions()}
     windows = None
     if opts.eval:

@@ -52,8 +52,14 @@ class Recipe:
                               "use e.g. --nsamples 32 --seqlen 2048.")
 
     @property
+    def searches(self) -> bool:
+        """More than one (k, s) candidate per row."""
+        return self.sfs or (self.dbs and self.codebook.method == "log_dynamic")
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.score == "hessian" or self.rounding != "rtn"
+        """Data is needed to score a search or to round; a single candidate with RTN is data-free."""
+        return (self.score == "hessian" and self.searches) or self.rounding != "rtn"
 
     def to_dict(self) -> dict:
         d = asdict(self)
