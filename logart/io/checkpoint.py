@@ -13,6 +13,7 @@ one clear message; it never leaves a weight randomly initialised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from logart.quant import LogartError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+PARAMS = "quant_params.safetensors"  # per-row codebook choices (k, s, top, asym / scale, zero): reports, not inference
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -92,7 +94,8 @@ def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str]) -
 
 def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
     """Pack `model` in place (see `pack_model`) and write the checkpoint folder. `layers` maps module names
-    to (codebook, params) as returned by `logart.quantize`; `recipe` is the `Recipe` used."""
+    to (codebook, params) as returned by `logart.quantize`; `recipe` is the `Recipe` used. The per-row choices
+    also go to quant_params.safetensors, for `logart report`."""
     modules = pack_model(model, layers)
     state = _unique_state(model)
     meta = {"format": "pt", "logart.format_version": str(FORMAT_VERSION),
@@ -101,8 +104,13 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
     config.pop("quantization_config", None)
     config["quantization_config"] = quantization_config(recipe.codebook.to_dict(), recipe.to_dict(), modules)
 
+    choices = {f"{name}.{f.name}": getattr(p, f.name).detach().cpu().contiguous()
+               for name, (_, p) in layers.items() for f in dataclasses.fields(p)}
+
     def write(tmp: Path):
         save_file(state, tmp / WEIGHTS, metadata=meta)
+        if choices:
+            save_file(choices, tmp / PARAMS)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
