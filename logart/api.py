@@ -28,17 +28,18 @@ class QuantizationResult:
 
 
 def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
-             log=print, **recipe_options) -> QuantizationResult:
+             log=print, state=None, **recipe_options) -> QuantizationResult:
     """Quantize the decoder linear layers of a Hugging Face causal LM in place.
 
     recipe: a `Recipe` or a preset name (`logart`, `logart-fast`, `log2-rtn`, `rtn`, `gptq`) with options
         such as `bits=3, group_size=128`.
     calib: LongTensor [nsamples, seqlen] of token windows (see `logart.data.calibration_set`); not needed by
         data-free recipes.
+    state: a `logart.calib.resume.RunState` to make the run resumable (the CLI does this for --output).
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
-    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log)
+    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log, state=state)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from logart.api import quantize
+from logart.calib.resume import RunState, fingerprint
 from logart.data import calibration_set, eval_set
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
@@ -82,7 +83,12 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     log(f"quantizing with recipe {recipe.name}: {recipe.codebook.method} {recipe.codebook.bits}-bit, group "
         f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.dbs else ''}"
         f"{'SFS ' if recipe.sfs else ''}({recipe.score}), rounding {recipe.rounding}")
-    result = quantize(model, recipe, calib, progress=opts.progress, log=log)
+    state = None
+    if opts.output:  # resumable: finished blocks survive an interruption in <output>.partial/
+        import logart
+        state = RunState(Path(f"{opts.output}.partial"), fingerprint(
+            model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=logart.__version__))
+    result = quantize(model, recipe, calib, progress=opts.progress, log=log, state=state)
     row["quant_seconds"] = round(result.seconds, 1)
     row["k_histogram"] = {str(k): v for k, v in result.k_histogram().items()}
     log(f"quantized {len(result.layers)} linear layers in {result.seconds:.1f} s; chosen k: {row['k_histogram']}")
@@ -106,6 +112,8 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
             log("reference mode cannot be packed into n-bit codes: no checkpoint written (use strict mode)")
         report["checkpoint_mb"] = row.get("checkpoint_mb")
         write_json(out / "report.json", report)
+    if state is not None:
+        state.finish()
     results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
     append_csv(results, row)
     log(f"appended the result row to {results}")

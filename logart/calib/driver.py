@@ -104,41 +104,53 @@ def _selected(linears: dict, ignore) -> dict:
 
 
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
-                   on_block_done=None, start_block: int = 0) -> tuple[list[LayerRecord], dict]:
+                   on_block_done=None, state=None) -> tuple[list[LayerRecord], dict]:
     """Quantize every linear layer inside the decoder blocks of `model` in place; embeddings, norms and the
-    lm_head stay in full precision. Returns the per-layer records and {module name: (codebook, params)}."""
+    lm_head stay in full precision. Returns the per-layer records and {module name: (codebook, params)}.
+
+    state: a `RunState` (calib/resume.py): finished blocks are restored from it instead of recomputed, and
+    every block finished here is committed to it."""
     torch.manual_seed(recipe.seed)
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    params: dict = {}
     cb = make_codebook(recipe.codebook)
-    records: list[LayerRecord] = []
+    params, start, records = {}, 0, []
+    if state is not None and state.done:
+        params, restored = state.restore(model, prefix, cb)
+        start = state.done
+        records = [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
+                                  "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
+        if log:
+            log(f"resuming after block {start - 1}: {len(params)} layers restored from {state.folder}")
     inputs, kwargs = (None, None)
-    if recipe.needs_calibration:
+    if recipe.needs_calibration and start < len(blocks):
         if calib is None:
             raise ValueError("this recipe needs calibration windows")
-        captured = capture_block_inputs(model, calib)
-        inputs, kwargs = captured.hidden, captured.kwargs
-    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+        captured = capture_block_inputs(model, calib)   # also the kwargs (masks, positions) every block takes
+        inputs, kwargs = (restored if start else captured.hidden), captured.kwargs
+    bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block")
     for b in bar:
         block = blocks[b]
         linears = _selected(linear_layers(block), recipe.ignore)
-        if b < start_block:  # already quantized in an earlier, interrupted run: only move the activations on
-            if inputs is not None:
-                inputs = propagate(block, inputs, kwargs)
-            continue
         t0 = time.perf_counter()
         hessians = block_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
+        block_records, block_params = [], {}
         for name, layer in linears.items():
             full = f"{prefix}.{b}.{name}"
             bar.set_postfix_str(name)
             rec, p = quantize_linear(layer, cb, recipe, hessians.get(name), name=full, progress=progress)
-            records.append(rec)
-            params[full] = (cb, p)
+            block_records.append(rec)
+            block_params[full] = (cb, p)
             if log:
                 log(rec.line())
+        del hessians
         if inputs is not None:
             inputs = propagate(block, inputs, kwargs)
+        records += block_records
+        params.update(block_params)
+        if state is not None:
+            state.commit_block(b, {n: model.get_submodule(n).weight for n in block_params}, block_params,
+                               [r.to_dict() for r in block_records], inputs)
         if on_block_done is not None:
             on_block_done(b, time.perf_counter() - t0)
     return records, params

@@ -73,6 +73,8 @@ class LogParams:
 
 
 class LogCodebook(Codebook):
+    params_type = LogParams
+
     def __init__(self, spec: QuantSpec):
         super().__init__(spec)
         assert spec.is_log

@@ -28,6 +28,8 @@ class UniformParams:
 
 
 class UniformCodebook(Codebook):
+    params_type = UniformParams
+
     def __init__(self, spec: QuantSpec):
         super().__init__(spec)
         self.maxq = 2 ** spec.bits - 1

@@ -1,0 +1,98 @@
+"""Resumable runs: after every finished block, its quantized weights, codebook choices and the activations
+entering the next block are written to `<output>.partial/`; a rerun with the same arguments continues from
+the last finished block and ends with exactly the weights of an uninterrupted run.
+
+Crash safety: each block's file and each activation file is written under a temporary name and renamed; the
+small state.json that says how many blocks are done is renamed into place *last*, so a kill at any point
+leaves either the old or the new state, never a mix. A rerun with different arguments (another recipe,
+model, calibration data or logart version) is refused rather than mixing two configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from logart.quant import LogartError
+
+
+def fingerprint(**parts) -> dict:
+    """JSON-able description of everything that changes the result; tensors are replaced by their hash."""
+    out = {}
+    for k, v in parts.items():
+        if isinstance(v, torch.Tensor):
+            v = hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+        out[k] = v
+    return json.loads(json.dumps(out, default=str))
+
+
+def _atomic_save(tensors: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """The partial state of one run, in `folder`."""
+
+    def __init__(self, folder, config: dict):
+        self.folder = Path(folder)
+        self.config = config
+        self.done = 0
+        self.records: list[dict] = []
+        state = self.folder / "state.json"
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved["config"] != config:
+                diff = sorted(k for k in set(saved["config"]) | set(config) if saved["config"].get(k) != config.get(k))
+                raise LogartError(f"{self.folder} holds an interrupted run with different settings ({', '.join(diff)}); "
+                                  "resuming would mix two configurations.",
+                                  f"rerun with the original arguments, or delete {self.folder} to start over.")
+            self.done, self.records = saved["done"], saved["records"]
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _inputs_path(self, block: int) -> Path:
+        return self.folder / f"inputs-{block:04d}.safetensors"
+
+    def restore(self, model, prefix: str, codebook) -> tuple[dict, torch.Tensor | None]:
+        """Write the finished blocks' weights back into `model`; return their params and the saved inputs of
+        the first unfinished block (None for data-free runs)."""
+        params = {}
+        for b in range(self.done):
+            saved = load_file(str(self.folder / f"block-{b:04d}.safetensors"))
+            names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight"))
+            for name in names:
+                model.get_submodule(name).weight.data.copy_(saved[f"{name}.weight"])
+                fields = {f.name: saved[f"{name}.param.{f.name}"] for f in dataclasses.fields(codebook.params_type)}
+                params[name] = (codebook, codebook.params_type(**fields))
+        path = self._inputs_path(self.done)
+        inputs = load_file(str(path))["hidden"] if self.done and path.is_file() else None
+        return params, inputs
+
+    def commit_block(self, block: int, weights: dict, params: dict, records: list[dict], inputs) -> None:
+        tensors = {f"{n}.weight": w.detach().cpu() for n, w in weights.items()}
+        for n, (_, p) in params.items():
+            tensors.update({f"{n}.param.{f.name}": getattr(p, f.name).detach().cpu() for f in dataclasses.fields(p)})
+        _atomic_save(tensors, self.folder / f"block-{block:04d}.safetensors")
+        if inputs is not None:
+            _atomic_save({"hidden": inputs}, self._inputs_path(block + 1))
+        self.done, self.records = block + 1, self.records + records
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"config": self.config, "done": self.done, "records": self.records}, f)
+        os.replace(tmp, self.folder / "state.json")
+        old = self._inputs_path(block)
+        if old.exists():
+            old.unlink()
+
+    def finish(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""An interrupted run resumes from its last finished block and ends with the uninterrupted run's weights."""
+
+import pytest
+import torch
+
+import logart.calib.driver as driver
+from logart.calib.resume import RunState, fingerprint
+from logart.models import tiny_causal_lm
+from logart.quant import LogartError
+from logart.recipes import make_recipe
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=None):
+    """Quantize a fresh tiny model with a resumable state in `folder`; optionally die part-way."""
+    model = tiny_causal_lm("llama", seed=0)
+    calib = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(0))
+    recipe = make_recipe(recipe_name, bits=3, llr_iters=15)
+    state = RunState(folder, fingerprint(recipe=recipe.to_dict(), calib=calib))
+    real, calls = driver.quantize_linear, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == kill_at_layer:  # dies in the middle of a block, after some of its layers changed
+            raise Interrupt
+        return real(*a, **k)
+
+    def on_block(b, _seconds):
+        if b == kill_after_block:      # dies right after a block was committed
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "quantize_linear", counting)
+        driver.quantize_model(model, recipe, calib, progress=False, log=None, on_block_done=on_block, state=state)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe", ["logart", "log2-rtn"])
+def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, recipe):
+    reference = _run(tmp_path / "ref", recipe, monkeypatch)
+    work = tmp_path / "work"
+    # killed mid-block 0, then right after block 0, then mid-block 1: each rerun resumes where it stood
+    for kill in [dict(kill_at_layer=3), dict(kill_after_block=0), dict(kill_at_layer=4)]:
+        with pytest.raises(Interrupt):
+            _run(work, recipe, monkeypatch, **kill)
+    final = _run(work, recipe, monkeypatch)
+    assert final.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(final[k], reference[k]), k
+
+
+def test_different_arguments_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(Interrupt):
+        _run(tmp_path, "logart-fast", monkeypatch, kill_after_block=0)
+    with pytest.raises(LogartError, match="different settings.*recipe"):
+        _run(tmp_path, "logart", monkeypatch)
