@@ -16,7 +16,7 @@ import torch
 
 from logart.api import quantize
 from logart.calib.resume import RunState, fingerprint
-from logart.data import calibration_set, eval_set
+from logart.data import calibration_set, eval_set, text_source
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
 from logart.io.checkpoint import save_quantized
@@ -61,6 +61,11 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     _check_output(opts)
+    # Bad data paths fail now, not after the model has loaded (packaged texts are cached in memory).
+    if recipe.needs_calibration:
+        text_source(opts.calib)
+    if opts.eval:
+        text_source(opts.eval)
     seed_everything(recipe.seed)
     t = time.perf_counter()
     model, tokenizer = load_causal_lm(opts.model)
