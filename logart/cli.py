@@ -3,6 +3,7 @@
     logart quantize --model smollm2-135m --bits 3 [--group-size 128] [--recipe logart] [--output DIR]
     logart eval DIR                    # reload a packed checkpoint and measure its perplexity
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
+    logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -115,6 +116,11 @@ def cmd_generate(args):
     print(args.prompt + generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens))
 
 
+def cmd_report(args):
+    from logart.reporting import cmd_report as report
+    report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="logart", description="Logarithmic post-training quantization (LogART).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -137,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(func=cmd_generate)
+    from logart.reporting import add_arguments as report_arguments
+    r = sub.add_parser("report", help="figures and a Markdown summary (summary.md) of a finished run folder")
+    report_arguments(r)
+    r.set_defaults(func=cmd_report)
     return ap
 
 
