@@ -7,15 +7,6 @@ from logart.calib.hessian import DEAD_VALUE, HessianAccumulator
 from logart.errors import LogartError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The problems are tiny: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def direct(X: torch.Tensor) -> torch.Tensor:
     X = X.reshape(-1, X.shape[-1]).double()
     return 2 * X.T @ X / X.shape[0]
