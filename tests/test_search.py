@@ -101,14 +101,17 @@ def test_hessian_score_shapes():
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_fast_is_close_to_exhaustive_and_never_worse_than_the_baseline(bits):
-    """Tolerance: total Hessian score within 2% of exhaustive on this synthetic layer (measured: 0.0-0.3%;
-    on real SmolLM2 layers under 0.1%, see bench/search_speed.py)."""
+    """Tolerance: total Hessian score within 3% of exhaustive by default and 0.5% with dense cells, on this
+    synthetic layer of only 48 rows, where one row whose needle-like optimum falls in a pruned cell costs 1-3%
+    (measured over 10 cases: default 0-1.5%, dense 0-0.16%; on real SmolLM2 layers 0.1-0.2% either way,
+    see bench/search_speed.py)."""
     cb = make_codebook(QuantSpec("log_dynamic", bits))
     W, H = layer(48, 128, seed=bits)
     exh = search(cb, W, HessianScore(H), strategy="exhaustive")
     fast = search(cb, W, HessianScore(H), strategy="fast")
     assert fast.strategy == "fast" and fast.exact_evals < 10 and fast.proxy_evals < 400
-    assert fast.loss <= exh.loss * 1.02
+    assert fast.loss <= exh.loss * 1.03
+    assert search(cb, W, HessianScore(H), config=FastConfig(cells=0)).loss <= exh.loss * 1.005
     assert bool((fast.score >= exh.score * (1 - 1e-5)).all())      # exhaustive is the optimum
     assert bool((fast.score <= fast.baseline_score).all())          # the baseline is always a candidate
     torch.testing.assert_close(fast.baseline_score, exh.baseline_score, rtol=1e-5, atol=0)
@@ -239,8 +242,10 @@ def test_fpcs_finds_the_minimum_of_a_smooth_grid():
         table = fpcs(evaluate, 3, (3, 100), **kwargs)
         best = table.view(3, -1).argmin(1)
         assert (best // 100).tolist() == target[:, 0].tolist() and (best % 100).tolist() == target[:, 1].tolist()
-    dense = fpcs(evaluate, 3, (3, 100), stride=4, keep_k=2)
+    dense = fpcs(evaluate, 3, (3, 100), stride=4, keep_k=2, cells=0)
     assert int(torch.isfinite(dense[0]).sum()) == 3 * 25 + 2 * 75
+    some = fpcs(evaluate, 3, (3, 100), stride=4, keep_k=2, cells=10)
+    assert int(torch.isfinite(some[0]).sum()) == 3 * 25 + 10 * 3
 
 
 def test_result_line_and_errors():
@@ -252,3 +257,19 @@ def test_result_line_and_errors():
         search(cb, W, strategy="grid")
     with pytest.raises(ValueError, match="square"):
         HessianScore(torch.ones(3, 4))
+
+
+def test_fast_in_row_chunks_and_without_s_one(monkeypatch):
+    import sys
+    grid_module = sys.modules["logart.search.grid"]
+    cb = make_codebook(QuantSpec("log_dynamic", 3, group_size=16))
+    W, H = layer(8, 64, seed=11)
+    rows = cb.rows(W)
+    whole = search(cb, rows, HessianScore(H))
+    monkeypatch.setattr(grid_module, "FAST_CHUNK_ELEMS", 4 * 16 * 11)     # 4 rows (one channel) per chunk
+    chunked = search(cb, rows, HessianScore(H))
+    torch.testing.assert_close(chunked.score, whole.score, rtol=1e-5, atol=0)
+    assert torch.equal(chunked.index, whole.index)
+    s = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])    # no s = 1: the baseline is scored on its own
+    res = search(cb, rows, HessianScore(H), s_values=s)
+    torch.testing.assert_close(res.baseline_score, whole.baseline_score, rtol=1e-5, atol=0)

@@ -2,8 +2,8 @@
 
 Score C candidates spread uniformly, keep the best few, evaluate their neighbours on a finer sub-grid, repeat.
 Here the grid is (k, s): k has only 1 to 5 values and is searched in full at the coarse level, then pruned
-to the best few per row; the fine level runs along s for the kept k. See `fpcs` for why the fine level is
-dense by default.
+to the best few per row; the fine level runs along s for the kept k, over whole coarse cells by default
+(see `fpcs` for why).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 
 def fpcs(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_rows: int, shape: tuple[int, int],
-         stride: int = 4, keep_k: int = 3, window: int = 0, beam: int = 0, expand: int = 4,
+         stride: int = 4, keep_k: int = 3, cells: int = 30, beam: int = 0, expand: int = 4,
          device=None) -> torch.Tensor:
     """Coarse-to-fine search of a per-row 2-D grid (k index x s index), minimising `evaluate`.
 
@@ -24,10 +24,13 @@ def fpcs(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_row
     1. Coarse: every k at every `stride`-th s (0, stride, 2 stride, ...).
     2. Per row, keep the `keep_k` k whose best coarse value is lowest.
     3. Fine level, along s for the kept k, one of:
-       * `beam = 0` (default): dense. Every s within +-`window` of the k's best coarse s (the whole axis when
-         `window` is 0 or covers it). LLM Hessian landscapes are needle-like in s: a handful of heavily
-         weighted inputs flip their rounding at almost every 0.01 step, so the best s is rarely next to a
-         good coarse point, only somewhere in the same broad basin.
+       * `beam = 0` (default): cells. A cell is the run of s between two neighbouring coarse points, valued by
+         the best of its two ends and their outer neighbours; the row's `cells` best cells of the kept k are
+         evaluated at every s
+         (`cells = 0`: all of them). LLM Hessian landscapes are needle-like in s (a handful of heavily
+         weighted inputs flip their rounding at almost every 0.01 step), so the best s is rarely next to the
+         best coarse point (AdaLog's neighbourhood refinement misses it), but it lies in a low cell: on
+         SmolLM2 layers the best 30 of 75 cells hold the exhaustive optimum for 99.8% of rows.
        * `beam > 0`: AdaLog's progressive expansion, for smooth landscapes. Each round divides the step h by
          `expand` (h' = h // expand, at least 1) and expands the row's `beam` best candidates of the kept k
          to the points at offsets +-h', +-2h', ..., +-(h - h'), until the step is 1.
@@ -44,30 +47,31 @@ def fpcs(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_row
     if h == 1:
         return table
     keep = min(max(1, keep_k), nk)
-    best, center = table.min(2)                                                         # [R, nk]
-    kept = best.topk(keep, dim=1, largest=False).indices.sort(1).values                  # [R, keep]
+    kept = table.amin(2).topk(keep, dim=1, largest=False).indices                      # [R, keep]
+    drop = torch.full((R, nk, 1), math.inf, device=device).scatter_(1, kept[..., None], 0.0)
 
     def run(ki, si):
         table.view(R, -1).scatter_(1, ki * ns + si, evaluate(ki, si).nan_to_num(nan=math.inf))
 
     if beam <= 0:
-        width = ns if window <= 0 else min(ns, 2 * window + 1)
-        if width == ns:   # the whole axis: skip the coarse points already seen
-            rest = torch.ones(ns, dtype=torch.bool, device=device)
-            rest[s0] = False
-            offs = rest.nonzero().squeeze(1)
-            si = offs.repeat(keep).expand(R, -1)
-        else:             # a window inside [0, ns), shifted inwards at the ends
-            start = (center.gather(1, kept) - window).clamp(0, ns - width)               # [R, keep]
-            si = (start[..., None] + torch.arange(width, device=device)).reshape(R, -1)
-        run(kept.repeat_interleave(si.shape[1] // keep, 1), si)
+        coarse = table[:, :, s0]                                                          # [R, nk, nc]
+        # A cell's value: the best coarse point among its two ends and their outer neighbours (a needle is
+        # often flanked by poor points; looking one coarse step further measured fewer misses).
+        ends = torch.minimum(coarse, torch.cat([coarse[:, :, 1:], coarse[:, :, -1:]], 2))
+        cell = torch.minimum(ends, torch.cat([ends[:, :, :1], ends[:, :, :-1]], 2))
+        cell = torch.minimum(cell, torch.cat([ends[:, :, 1:], ends[:, :, -1:]], 2)) + drop
+        nc = s0.numel()
+        n = keep * nc if cells <= 0 else min(cells, keep * nc)
+        top = cell.view(R, -1).topk(n, dim=1, largest=False).indices                      # [R, n] = k * nc + c
+        inner = torch.arange(1, h, device=device)
+        si = ((top % nc) * h)[..., None] + inner                                          # [R, n, h-1]
+        run((top // nc)[..., None].expand_as(si).reshape(R, -1), si.clamp(max=ns - 1).reshape(R, -1))
         return table
-    mask = torch.full((R, nk, 1), math.inf, device=device).scatter_(1, kept[..., None], 0.0)
     while h > 1:
         fine = max(1, h // max(2, expand))
         steps = torch.arange(fine, h, fine, device=device)
         offsets = torch.cat([-steps, steps])
-        top = (table + mask).view(R, -1).topk(min(beam, keep * ns), dim=1, largest=False).indices
+        top = (table + drop).view(R, -1).topk(min(beam, keep * ns), dim=1, largest=False).indices
         tk, ts = top // ns, top % ns
         run(tk[:, :, None].expand(-1, -1, offsets.numel()).reshape(R, -1),
             (ts[:, :, None] + offsets).clamp(0, ns - 1).reshape(R, -1))

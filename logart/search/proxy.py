@@ -39,16 +39,17 @@ class SortedRows:
         # Flat index of (group of the row, original column) for every sorted position.
         src = (order + (torch.arange(R, device=dev) % G)[:, None] * C).view(-1)
         x = self.x
-        d = proxy.diag.to(dev, torch.float32).reshape(-1)[src].view(R, C)
+        d = proxy.diag.to(dev, torch.float32).reshape(-1).index_select(0, src).view(R, C)
         self.rank = 0 if proxy.lowrank is None else proxy.lowrank.shape[0]
         nf = 2 + self.rank
-        f = torch.zeros(R, nf, C + 1, device=dev)
+        f = torch.empty(R, nf, C + 1, device=dev)
+        f[:, :, 0] = 0
         f[:, 0, 1:] = d
         torch.mul(d, x, out=f[:, 1, 1:])
         self.const = (f[:, 1, 1:] * x).sum(1)                                  # sum d w^2
         if self.rank:
             lr = proxy.lowrank.to(dev, torch.float32).reshape(self.rank, G * C)
-            f[:, 2:, 1:] = lr[:, src].view(self.rank, R, C).transpose(0, 1)
+            f[:, 2:, 1:] = lr.index_select(1, src).view(self.rank, R, C).transpose(0, 1)
             self.uw = torch.bmm(f[:, 2:, 1:], x[:, :, None]).squeeze(2)          # [R, r]: u . w
         self.feats = f.cumsum_(2)                                                # prefix sums
         self.total = f[:, :, -1]                                                 # [R, nf]
