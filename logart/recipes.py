@@ -30,7 +30,7 @@ class Recipe:
     score: str = "hessian"           # "hessian" (Δw H Δwᵀ) or "weight" (data-free weight SSE)
     rounding: str = "rtn"
     act_order: bool = False          # GPTQ column order by decreasing diag(H)
-    llr_iters: int = 500
+    llr_iters: int = 500             # the original's default; the `logart` preset uses 200 (see PRESETS)
     llr_lr: float = 0.05
     llr_lambda: float = 1.0
     llr_lambda_qkv: float = 1.5
@@ -73,8 +73,10 @@ def _log(bits, group_size, mode, **kw):
 
 
 PRESETS = {
-    # The paper's full recipe: DBS + SFS + ABS + LLR.
-    "logart": lambda b, g, m: Recipe("logart", _log(b, g, m), rounding="llr"),
+    # The paper's full recipe: DBS + SFS + ABS + LLR, with the original's optional GPTQ initialisation
+    # (`--optq_init --act_order`): measured on SmolLM2 layers, act-order GPTQ alone beats 500-iteration LLR on
+    # the H-weighted error, and 200 iterations keep 85-95 % of LLR's 500-iteration gain at 40 % of the time.
+    "logart": lambda b, g, m: Recipe("logart", _log(b, g, m), rounding="gptq+llr", act_order=True, llr_iters=200),
     # Everything but learned rounding: minutes rather than tens of minutes.
     "logart-fast": lambda b, g, m: Recipe("logart-fast", _log(b, g, m)),
     # The paper's baseline: symmetric log2, round to nearest, no search, no data.

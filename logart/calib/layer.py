@@ -34,10 +34,17 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
         rounded = gptq(W, H, cb, params, act_order=recipe.act_order)
     else:
         rounded = rtn(W, cb, params)
+    kept = None
     if recipe.rounding.endswith("llr"):
         lam = recipe.llr_lambda_qkv if is_qkv(name) else recipe.llr_lambda
         config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
-        rounded = learned_rounding(W, H, cb, params, source=rounded.source, config=config)
+        learned = learned_rounding(W, H, cb, params, source=rounded.source, config=config)
+        # LLR chooses between the two neighbours of its source; after GPTQ it can end above GPTQ's own error
+        # (measured on SmolLM2 layers), so the better of the two hard roundings is kept.
+        if recipe.rounding == "llr" or hessian_loss(learned.weight - W, H) <= hessian_loss(rounded.weight - W, H):
+            rounded, kept = learned, "llr"
+        else:
+            kept = "gptq"
     W_hat = rounded.weight.reshape(W.shape)
     layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
     if H is not None:
@@ -50,6 +57,6 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     record = LayerRecord(name=name, shape=tuple(W.shape), k_hist=_k_hist(found),
                          s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
-                         extra={"search_loss": found.loss, "search_strategy": found.strategy,
+                         extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,
                                 **{k: v for k, v in rounded.info.items() if isinstance(v, (int, float, str))}})
     return record, params
