@@ -87,13 +87,20 @@ def cmd_quantize(args):
 
 
 def cmd_demo(args):
+    """Quick by default (8 calibration windows, 4 evaluation windows: minutes on 2 cores); --full is the
+    paper's recipe under the whole protocol (32 x 2048 calibration, 16 x 2048 evaluation)."""
     from logart.pipeline import run
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.output = args.output or f"runs/demo-{stamp}"
     args.recipe = "logart" if args.full else "logart-fast"
-    print(f"logart demo: {'full LogART recipe (DBS+SFS+ABS+LLR)' if args.full else 'LogART without learned rounding'}"
-          f" on {args.model}, W{args.bits} per channel -> {args.output}")
+    if not args.full:
+        args.nsamples = args.nsamples if args.nsamples != 32 else 8
+        args.eval_windows = args.eval_windows if args.eval_windows != 16 else 4
+    print(f"logart demo: {'the full LogART recipe (DBS+SFS+ABS+GPTQ/LLR)' if args.full else 'LogART without learned rounding'}"
+          f" on {args.model}, W{args.bits} per channel, calibration {args.nsamples} x {args.seqlen} tokens, "
+          f"evaluation {args.eval_windows} x {args.seqlen} tokens -> {args.output}")
     run(_recipe_from(args), _options_from(args))
+    print(f"done. Reload it with `logart eval {args.output}`, look at it with `logart report {args.output}`.")
 
 
 def cmd_eval(args):
