@@ -14,6 +14,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m logart.io.kernel || echo "CPU kernel not built: packed layers will use the PyTorch path"
 	touch $(STAMP)
 
 demo: setup
