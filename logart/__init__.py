@@ -7,6 +7,12 @@
 
 __version__ = "0.1.0"
 
+# transformers' from_pretrained loads logart checkpoints once transformers is imported (logart/io/hf.py);
+# this only puts a finder on sys.meta_path, it imports nothing heavy.
+from logart.io import install_transformers_hook as _install_transformers_hook  # noqa: E402
+
+_install_transformers_hook()
+
 
 def __getattr__(name):
     # Lazy: `import logart` stays cheap (no transformers import) until the API is used.

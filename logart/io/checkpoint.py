@@ -155,6 +155,19 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def check_tensor_names(expected, present) -> None:
+    """Raise unless the checkpoint's tensor names `present` are exactly the model's `expected` ones."""
+    missing = [k for k in expected if k not in present]
+    extra = [k for k in present if k not in expected]
+    if missing:
+        raise LogartError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}.",
+                          "the file is incomplete or from another model; re-export it (logart never fills "
+                          "missing weights at random).")
+    if extra:
+        raise LogartError(f"the checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:3]}.",
+                          "the weights belong to another model or format; re-export the checkpoint.")
+
+
 def build_skeleton(config: dict):
     """The model's architecture without weights (meta device), its quantized linears replaced by empty
     `LogLinear` shells of the right shapes."""
@@ -166,6 +179,10 @@ def build_skeleton(config: dict):
     hf_config = AutoConfig.for_model(**cfg)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
+    # init_empty_weights re-creates every registered parameter, which unties tied embeddings (SmolLM2's
+    # lm_head); tie them again so that the expected tensors are those save_quantized wrote.
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model, qc
 
 
@@ -186,15 +203,7 @@ def load_quantized(directory, device: str = "cpu"):
         _set_module(model, name, LogLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
                                            n_tables, bias=linear.bias is not None))
     expected = _unique_state(model)
-    missing = [k for k in expected if k not in tensors]
-    extra = [k for k in tensors if k not in expected]
-    if missing:
-        raise LogartError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}.",
-                          "the file is incomplete or from another model; re-export it (logart never fills "
-                          "missing weights at random).")
-    if extra:
-        raise LogartError(f"the checkpoint has {len(extra)} unexpected tensor(s), e.g. {extra[:3]}.",
-                          "the weights belong to another model or format; re-export the checkpoint.")
+    check_tensor_names(expected, tensors)
     sums = json.loads(meta.get("logart.sha256", "{}"))
     for k, ref in expected.items():
         t = tensors[k]

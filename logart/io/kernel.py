@@ -56,33 +56,15 @@ def load(verbose: bool = False):
     return _ext
 
 
-def _padded_input(layer, x2: torch.Tensor) -> torch.Tensor:
-    """[B, in] -> [B, G, len_pad]: each row's inputs, zero padded to whole 32-code chunks."""
-    B = x2.shape[0]
-    g = layer.in_features if layer.group_size == -1 else layer.group_size
-    G = layer.in_features // g
-    pad = (-g) % 32
-    xg = x2.reshape(B, G, g)
-    return F.pad(xg, (0, pad)).contiguous() if pad else xg.contiguous()
-
-
 def lut_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    ext = load()
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features)
+    """`layer(x)` on the compiled kernel: one call does the reshape, padding, fused product (up to SMALL_BATCH
+    rows) or dequantization + BLAS (more rows), and the bias."""
     if layer.group_size == 0:  # per-tensor rows do not follow output channels: reference path
-        y = F.linear(x2, layer.dequantize(), layer.bias)
-    elif x2.shape[0] <= SMALL_BATCH:
-        g = layer.in_features if layer.group_size == -1 else layer.group_size
-        y = ext.lut_gemv(layer.qweight, layer.row_scale, layer.table_index, layer.tables, _padded_input(layer, x2),
-                         layer.bits, layer.out_features, layer.in_features // g, g)
-        if layer.bias is not None:
-            y = y + layer.bias
-    else:
-        g = layer.in_features if layer.group_size == -1 else layer.group_size
-        w = ext.lut_dequant(layer.qweight, layer.row_scale, layer.table_index, layer.tables, layer.bits, g)
-        y = F.linear(x2, w.reshape(layer.out_features, layer.in_features), layer.bias)
-    return y.reshape(*lead, layer.out_features)
+        return F.linear(x, layer.dequantize(), layer.bias)
+    ext = _ext if _ext is not None else load()
+    g = layer.in_features if layer.group_size == -1 else layer.group_size
+    return ext.lut_linear(x, layer.qweight, layer.row_scale, layer.table_index, layer.tables, layer.bias,
+                          layer.bits, layer.in_features, g, SMALL_BATCH)
 
 
 def enable(model) -> int:

@@ -29,6 +29,24 @@ def row_geometry(out_features: int, in_features: int, group_size: int) -> tuple[
     return out_features * (in_features // group_size), group_size
 
 
+def unpack_rows(qweight: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """`unpack(qweight, bits, length)` for the 2-D [rows, words] layout, several times faster (word-wise int32
+    shifts instead of a bit stream): the pure-PyTorch forward unpacks every layer on every call."""
+    R, W = qweight.shape
+    if W != packed_length(length, bits) or bits not in (2, 3, 4, 8):
+        return unpack(qweight, bits, length)  # its error messages
+    if bits != 3:  # word k of a chunk holds codes k*32/bits ... (k+1)*32/bits - 1
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)
+        codes = (qweight.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    else:  # 3 words per 32 codes: codes 10 and 21 straddle a word boundary
+        w = qweight.reshape(R, -1, 3)
+        w0, w1, w2 = w[..., 0:1], w[..., 1:2], w[..., 2:3]
+        steps = [torch.arange(a, a + 30, 3, dtype=torch.int32, device=qweight.device) for a in (0, 1, 2)]
+        codes = torch.cat([(w0 >> steps[0]) & 7, ((w0 >> 30) & 3) | ((w1 & 1) << 2), (w1 >> steps[1]) & 7,
+                           ((w1 >> 31) & 1) | ((w2 & 3) << 1), (w2 >> steps[2]) & 7], dim=-1)
+    return codes.reshape(R, -1)[:, :length].long()
+
+
 class LogLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1, n_tables: int = 1,
                  bias: bool = True):
@@ -71,7 +89,7 @@ class LogLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         rows, length = row_geometry(self.out_features, self.in_features, self.group_size)
-        return unpack(self.qweight, self.bits, length)
+        return unpack_rows(self.qweight, self.bits, length)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] (the reference path; the kernel never materialises it)."""
