@@ -201,7 +201,10 @@ def measure(configs, prompt, long_ids, threads: int, args) -> dict:
             results[label][f"{key}_vs_fp32"] = round(results[label][f"{key}_tokens_per_s"]
                                                      / results["fp32"][f"{key}_tokens_per_s"], 3)
     agree = {k: sum(a == b for a, b in zip(tokens[k], tokens["fp32"])) / len(tokens[k]) for k in tokens}
+    # the same packed weights on both paths: the tokens should be the same
+    same = tokens["w4_kernel"][:len(tokens["w4_pytorch"])] == tokens["w4_pytorch"]
     return {"threads": threads, "results": results, "greedy_tokens_agreeing_with_fp32": agree,
+            "w4_kernel_tokens_equal_pytorch_path": same,
             "loadavg_during": loads,  # includes this benchmark's own threads
             "cpu_busy_between_repeats": busy}  # other processes only (sampled while this one sleeps 1 s)
 

@@ -181,6 +181,18 @@ def test_export_reloads_with_plain_transformers(tmp_path):
             assert torch.equal(plain.get_submodule(name).weight, packed.get_submodule(name).dequantize().to(dtype))
 
 
+def test_export_from_a_from_pretrained_model(tmp_path):
+    path, _, names = _save(tmp_path)
+    model = _from_pretrained(path)
+    out = export_dequantized(model, tmp_path / "plain", dtype=torch.float32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["logart_dequantized"]["bits"] == 3
+    plain = _from_pretrained(out)
+    assert not hasattr(plain, "hf_quantizer") or plain.hf_quantizer is None
+    for name in names:
+        assert torch.equal(plain.get_submodule(name).weight, model.get_submodule(name).dequantize())
+
+
 def test_export_never_overwrites(tmp_path):
     path, _, _ = _save(tmp_path)
     packed, _ = load_quantized(path)
