@@ -4,6 +4,7 @@
     logart eval DIR                    # reload a packed checkpoint and measure its perplexity
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
+    logart export DIR OUT [--dtype float16|bfloat16|float32]   # plain HF checkpoint, no logart needed
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and a Markdown summary (summary.md) of a finished run folder")
     report_arguments(r)
     r.set_defaults(func=cmd_report)
+    from logart.io.export import add_export_parser
+    add_export_parser(sub)
     return ap
 
 
