@@ -19,9 +19,8 @@ from logart.calib.resume import RunState, fingerprint
 from logart.data import calibration_set, eval_set, text_source
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
-from logart.io.checkpoint import save_quantized
+from logart.io.checkpoint import refuse_to_overwrite, save_quantized
 from logart.models import detach_gguf, load_causal_lm
-from logart.quant import LogartError
 from logart.recipes import Recipe
 from logart.report import append_csv, now, peak_rss_gb, versions, write_json
 
@@ -50,11 +49,8 @@ def seed_everything(seed: int) -> None:
 
 def _check_output(opts: RunOptions) -> None:
     """Refuse a non-empty output folder before hours of work, not after."""
-    if opts.output and not opts.overwrite:
-        out = Path(opts.output)
-        if out.exists() and any(out.iterdir()):
-            raise LogartError(f"{out} already exists and is not empty; logart never overwrites a folder by accident.",
-                              "choose another --output folder, or pass --overwrite.")
+    if opts.output:
+        refuse_to_overwrite(opts.output, opts.overwrite)
 
 
 def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:

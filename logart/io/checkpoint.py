@@ -49,13 +49,10 @@ def _set_module(model, name: str, new):
 
 def pack_model(model, layers: dict) -> list[str]:
     """Replace every quantized `nn.Linear` (name -> (codebook, params)) by a `LogLinear` in place."""
-    names = []
     for name, (codebook, params) in layers.items():
         linear = _module(model, name)
-        if isinstance(linear, LogLinear):
-            continue
-        _set_module(model, name, LogLinear.from_linear(linear, codebook, params))
-        names.append(name)
+        if not isinstance(linear, LogLinear):
+            _set_module(model, name, LogLinear.from_linear(linear, codebook, params))
     return sorted(layers)
 
 
@@ -66,11 +63,17 @@ def _unique_state(model) -> dict:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
 
 
-def _write_atomically(directory: Path, write, overwrite: bool):
+def refuse_to_overwrite(directory, overwrite: bool) -> None:
+    """The one guard every writer calls (early, before slow work, and again at write time)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise LogartError(f"{directory} already exists and is not empty; logart never overwrites a folder by accident.",
                           "choose another --output folder, or pass overwrite=True / --overwrite.")
+
+
+def _write_atomically(directory: Path, write, overwrite: bool):
+    directory = Path(directory)
+    refuse_to_overwrite(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:

@@ -86,7 +86,7 @@ def export_dequantized(model_or_dir, out_dir, dtype=None, overwrite: bool = Fals
     takes a torch dtype or "float16" / "bfloat16" / "float32"). `model_or_dir`: a logart checkpoint folder
     (its tokenizer is exported too) or an in-memory model with `LogLinear` layers (pass `tokenizer` to include
     one). Returns `out_dir`."""
-    from logart.io.checkpoint import _write_atomically, load_quantized, read_quantization_config
+    from logart.io.checkpoint import _write_atomically, load_quantized, read_quantization_config, refuse_to_overwrite
 
     qc = None
     if isinstance(model_or_dir, (str, Path)):
@@ -96,10 +96,7 @@ def export_dequantized(model_or_dir, out_dir, dtype=None, overwrite: bool = Fals
     else:
         model = model_or_dir
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # before the (slow) dequantization
-        from logart.quant import LogartError
-        raise LogartError(f"{out_dir} already exists and is not empty; logart never overwrites a folder by accident.",
-                          "choose another output folder, or pass overwrite=True / --overwrite.")
+    refuse_to_overwrite(out_dir, overwrite)  # before the (slow) dequantization
     plain = dequantized_model(model, dtype, qc)
 
     def write(tmp: Path):
