@@ -5,6 +5,7 @@
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
     logart export DIR OUT [--dtype float16|bfloat16|float32]   # plain HF checkpoint, no logart needed
+    logart convert MODEL OUT [--shard-size 100MB]   # sharded safetensors folder, the input of --max-memory
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -56,6 +57,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--results", help="results.csv to append to (default: beside --output)")
     p.add_argument("--tag", help="a name for this run, recorded in its results row")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="larger-than-memory mode: keep at most SIZE (e.g. 300MB) of weights in memory, loading one "
+                        "block at a time from a safetensors folder (see `logart convert`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -79,7 +83,8 @@ def _options_from(args):
     return RunOptions(model=args.model, output=args.output, calib=args.calib,
                       eval=None if args.no_eval else args.eval,
                       eval_windows=None if args.eval_windows == 0 else args.eval_windows, eval_fp32=args.eval_fp32,
-                      results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
+                      results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
+                      max_memory=args.max_memory, progress=not args.quiet)
 
 
 def cmd_quantize(args):
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     from logart.io.export import add_export_parser
     add_export_parser(sub)
+    from logart.io.convert import add_convert_parser
+    add_convert_parser(sub)
     return ap
 
 

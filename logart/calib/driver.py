@@ -104,19 +104,22 @@ def _selected(linears: dict, ignore) -> dict:
 
 
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
-                   on_block_done=None, state=None) -> tuple[list[LayerRecord], dict]:
+                   on_block_done=None, state=None, streamer=None) -> tuple[list[LayerRecord], dict]:
     """Quantize every linear layer inside the decoder blocks of `model` in place; embeddings, norms and the
     lm_head stay in full precision. Returns the per-layer records and {module name: (codebook, params)}.
 
     state: a `RunState` (calib/resume.py): finished blocks are restored from it instead of recomputed, and
-    every block finished here is committed to it."""
+    every block finished here is committed to it.
+    streamer: for models larger than memory, an object with `load(block_name)`, called before a block is
+    touched, and `done(block_name, block_params)`, called once the block is finished and propagated (it packs
+    the block, dropping its float weights). None: the whole model is in memory."""
     torch.manual_seed(recipe.seed)
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     cb = make_codebook(recipe.codebook)
     params, start, records = {}, 0, []
     if state is not None and state.done:
-        params, restored = state.restore(model, prefix, cb)
+        params, restored = state.restore(model, prefix, cb, streamer)
         start = state.done
         records = [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
                                   "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
@@ -131,6 +134,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block")
     for b in bar:
         block = blocks[b]
+        if streamer is not None:
+            streamer.load(f"{prefix}.{b}")
         linears = _selected(linear_layers(block), recipe.ignore)
         t0 = time.perf_counter()
         hessians = block_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
@@ -151,6 +156,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
         if state is not None:
             state.commit_block(b, {n: model.get_submodule(n).weight for n in block_params}, block_params,
                                [r.to_dict() for r in block_records], inputs)
+        if streamer is not None:
+            streamer.done(f"{prefix}.{b}", block_params)
         if on_block_done is not None:
             on_block_done(b, time.perf_counter() - t0)
     return records, params
