@@ -47,7 +47,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
                    help="keep matching linear layers (e.g. 'mlp.down_proj') in full precision; repeatable")
-    p.add_argument("--calib", default="news", help="news (packaged), wikipedia, or a local .txt/.jsonl/.json(.gz) file")
+    p.add_argument("--calib", default="news", help="news (packaged), wikipedia, a local .txt/.jsonl/.json(.gz) file, or hf:NAME[:CONFIG[:SPLIT]] from the local HF datasets cache")
     p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
     p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
