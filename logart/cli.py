@@ -123,6 +123,24 @@ def cmd_eval(args):
     windows = eval_set(tok, args.eval, seqlen=args.seqlen, max_windows=None if args.eval_windows == 0 else args.eval_windows)
     ppl = perplexity(model, windows, progress=not args.quiet)
     print(f"perplexity ({args.eval}, {windows.shape[0]} x {windows.shape[1]}): {ppl:.4f}")
+    _compare_with_run(args, windows, ppl)
+
+
+def _compare_with_run(args, windows, ppl):
+    """Set the reloaded perplexity beside the one the quantizing run measured in memory, when comparable."""
+    import json
+    from pathlib import Path
+
+    path = Path(args.dir) / "report.json"
+    if not path.is_file():
+        return
+    run = json.loads(path.read_text())
+    requested = None if args.eval_windows == 0 else args.eval_windows
+    same = (run.get("eval") == args.eval and run.get("eval_windows") == requested
+            and run.get("recipe", {}).get("seqlen") == windows.shape[1])
+    if same and run.get("ppl"):
+        print(f"in-memory perplexity of the quantizing run (report.json): {run['ppl']:.4f}; "
+              f"relative difference {abs(ppl - run['ppl']) / run['ppl']:.2e}")
 
 
 def cmd_generate(args):
