@@ -4,7 +4,8 @@ under a weight budget below the fp32 model's size; the two checkpoints must be i
     python bench/streaming.py [--budget 256MB] [--recipe logart-fast] [--bits 4] [--work runs/streaming]
                               [--out bench/results/streaming.json]
 
-Steps, each its own process so that each peak RSS (ru_maxrss, from report.json) belongs to one run only:
+Steps, each its own process so that each peak RSS (ru_maxrss, from report.json) belongs to one run only
+(`peak_rss_quant_gb`: loading + quantizing; `peak_rss_gb`: the whole run, evaluation included):
   1. `logart convert smollm2-135m WORK/smollm2 --shard-size 50MB`  (once; loads the whole model)
   2. `logart quantize --model WORK/smollm2 ...`                       (in memory)
   3. `logart quantize --model WORK/smollm2 ... --max-memory BUDGET`   (streamed)
@@ -68,7 +69,8 @@ def main() -> None:
         "nsamples": args.nsamples, "eval_windows": args.eval_windows,
         "fp32_checkpoint_mib": round(fp32_bytes / 2**20, 1),
         "identical_checkpoints": not differing, "differing_tensors": differing[:10], "tensors": len(a),
-        **{name: {k: r.get(k) for k in ("ppl", "quant_seconds", "peak_rss_gb", "checkpoint_mb", "streaming")}
+        **{name: {k: r.get(k) for k in ("ppl", "quant_seconds", "peak_rss_quant_gb", "peak_rss_gb",
+                                                    "checkpoint_mb", "streaming")}
            for name, r in reports.items()},
     }
     write_json(args.out, result)

@@ -123,6 +123,8 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
                             "peak_weights_mib": round(streamer.weights.peak / 2**20, 1)}
         log(f"peak weights in memory while streaming: {row['streaming']['peak_weights_mib']} MiB")
     row["quant_seconds"] = round(result.seconds, 1)
+    # The high-water mark of loading + quantizing, before evaluation's own peak (full-vocabulary logits).
+    row["peak_rss_quant_gb"] = round(peak_rss_gb(), 3)
     row["k_histogram"] = {str(k): v for k, v in result.k_histogram().items()}
     log(f"quantized {len(result.layers)} linear layers in {result.seconds:.1f} s; chosen k: {row['k_histogram']}")
     if windows is not None:
