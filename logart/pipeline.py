@@ -56,7 +56,7 @@ class PackAfterBlock:
 
     def done(self, block_name: str, block_params: dict) -> None:
         pack_model(self.model, block_params)
-        self.weights.note()
+        self.weights.release()
 
 
 def seed_everything(seed: int) -> None:

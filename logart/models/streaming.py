@@ -14,6 +14,8 @@ number it would need, to load a block that would cross it.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import re
 from collections import defaultdict
@@ -65,6 +67,15 @@ def resident_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def _malloc_trim() -> None:
+    """glibc keeps freed heap memory for reuse; without a trim the process grows by tens of MiB per block
+    (measured on SmolLM2: 50 MiB per block untrimmed, flat with the trim). A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _tensor(model, name: str) -> torch.Tensor:
     owner, _, leaf = name.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, leaf)
@@ -87,7 +98,10 @@ class BlockWeights:
         for shard, members in by_shard.items():
             with safe_open(str(shard), framework="pt") as f:
                 for name in members:
-                    set_module_tensor_to_device(self.model, name, "cpu", value=f.get_tensor(name), dtype=self.dtype)
+                    # clone: a tensor read from the memory-mapped shard keeps the whole mapping alive, so the
+                    # norms that stay resident would pin every page of the shard that was ever touched.
+                    set_module_tensor_to_device(self.model, name, "cpu", value=f.get_tensor(name).clone(),
+                                                dtype=self.dtype)
 
     def names_under(self, prefix: str) -> list[str]:
         return [n for n in self.index if n.startswith(prefix + ".")]
@@ -112,8 +126,11 @@ class BlockWeights:
         self._load_tensors(names)
         self.peak = max(self.peak, resident_bytes(self.model))
 
-    def note(self) -> None:
-        """Record the resident size after the caller packed or dropped something."""
+    def release(self) -> None:
+        """After the caller packed or dropped a block: hand the freed memory back to the system and record the
+        resident size."""
+        gc.collect()
+        _malloc_trim()
         self.peak = max(self.peak, resident_bytes(self.model))
 
 
@@ -146,5 +163,5 @@ def open_streaming(folder, budget: int | None = None, dtype: torch.dtype = torch
     if missing:
         raise LogartError(f"{folder} lacks {len(missing)} weight(s) outside the decoder blocks, e.g. {missing[:3]}.",
                           "the checkpoint is incomplete; convert or download it again.")
-    weights.note()
+    weights.release()
     return model, tokenizer, weights
