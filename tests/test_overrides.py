@@ -234,3 +234,14 @@ def test_cli_override_and_ends(tmp_path):
     assert report["recipe"]["overrides"] == qc["recipe"]["overrides"]
     model, _ = load_quantized(out)
     assert isinstance(model.model.embed_tokens, LogEmbedding) and model.get_submodule("model.layers.0.mlp.up_proj").bits == 3
+    # the report draws an overridden 3-bit layer and the packed embedding with their own codebooks
+    assert main(["report", str(out), "--layers", r"layers\.0\.mlp\.up_proj|embed_tokens"]) == 0
+    assert (out / "report" / "summary.md").is_file()
+    # the dequantized export turns the packed ends back into plain modules transformers loads alone
+    from transformers import AutoModelForCausalLM
+
+    from logart.io.export import export_dequantized
+    plain = AutoModelForCausalLM.from_pretrained(str(export_dequantized(out, tmp_path / "plain", dtype=torch.float32)))
+    assert not plain.config.tie_word_embeddings
+    for name in ("model.embed_tokens", "lm_head", "model.layers.0.mlp.up_proj"):
+        assert torch.equal(plain.get_submodule(name).weight, model.get_submodule(name).dequantize()), name
