@@ -1,7 +1,7 @@
 """The `logart` command.
 
     logart quantize --model smollm2-135m --bits 3 [--group-size 128] [--recipe logart] [--output DIR]
-                    [--ignore REGEX] [--override 'REGEX:bits=8,group_size=128,method=log2,recipe=gptq']
+                    [--ignore REGEX] [--override 'REGEX:bits=3,group_size=128,method=log2,recipe=gptq']
                     [--lm-head] [--embeddings]
     logart eval DIR                    # reload a packed checkpoint and measure its perplexity
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
@@ -51,7 +51,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "repeatable; beats every --override")
     p.add_argument("--override", action="append", default=[], metavar="REGEX:KEY=VALUE[,...]",
                    help="per-module settings, keys bits, group_size, method, recipe (a preset name), e.g. "
-                        "'layers\\.0\\.:bits=8' or 'down_proj:recipe=gptq,group_size=128'; repeatable, in order: "
+                        "'layers\\.0\\.:bits=4' or 'down_proj:recipe=gptq,group_size=128'; repeatable, in order: "
                         "the first rule whose regex matches a module's full name applies")
     p.add_argument("--lm-head", action="store_true",
                    help="also quantize the lm_head (after the last block, with its input Hessian); an lm_head tied "

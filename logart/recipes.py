@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-from logart.quant import QuantSpec
+from logart.quant import QuantSpec, make_codebook
 from logart.quant.errors import LogartError
 
 ROUNDINGS = ("rtn", "gptq", "llr", "gptq+llr")
@@ -121,6 +121,7 @@ class Recipe:
         rules = tuple(Override.parse(r) if isinstance(r, str) else Override(**r) if isinstance(r, dict) else r
                       for r in self.overrides)
         object.__setattr__(self, "overrides", rules)
+        make_codebook(self.codebook)  # bits the method cannot represent fail here, before the model loads
         for rule in self.overrides:  # every rule must yield a valid recipe now, not after hours of quantization
             try:
                 self._apply(rule)

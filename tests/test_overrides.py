@@ -64,7 +64,7 @@ def _reloads_exactly(model, path, x):
 def test_first_matching_override_wins_and_ignore_beats_them():
     recipe = make_recipe("logart-fast", bits=4, nsamples=7, ignore=("down_proj",), overrides=(
         r"layers\.0\.:bits=3",                     # specific rule first ...
-        "layers:bits=8,group_size=32",             # ... a broader later rule does not undo it
+        "layers:bits=2,group_size=32",             # ... a broader later rule does not undo it
         "o_proj:recipe=gptq",                      # never reached for layer names: "layers" matched first
         "lm_head:recipe=gptq,method=log2"))
     bits = {n: (r.codebook.bits, r.codebook.group_size) if r else None for n, r in
@@ -72,7 +72,7 @@ def test_first_matching_override_wins_and_ignore_beats_them():
                                                   "model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                                                   "model.embed_tokens"))}
     assert bits == {"model.layers.0.self_attn.q_proj": (3, -1), "model.layers.0.self_attn.o_proj": (3, -1),
-                    "model.layers.1.self_attn.o_proj": (8, 32), "model.layers.0.mlp.down_proj": None,
+                    "model.layers.1.self_attn.o_proj": (2, 32), "model.layers.0.mlp.down_proj": None,
                     "model.embed_tokens": (4, -1)}
     head = recipe.for_module("lm_head")   # a preset's search and rounding, the run's calibration settings
     assert (head.rounding, head.codebook.method, head.codebook.bits, head.nsamples) == ("gptq", "log2", 4, 7)
@@ -86,11 +86,12 @@ def test_override_parsing():
     # a data-free base recipe needs calibration once an override asks for GPTQ
     assert make_recipe("rtn", overrides=["q_proj:recipe=gptq"]).needs_calibration
     assert not make_recipe("rtn", overrides=["q_proj:bits=8"]).needs_calibration
+    assert make_recipe("logart", overrides=["lm_head:bits=8,method=uniform"]).for_module("lm_head").codebook.bits == 8
 
 
 @pytest.mark.parametrize("text,message", [
     ("no-colon", "is not of the form"), ("(:bits=3", "not a valid regular expression"),
-    ("q_proj:bits=5", "5-bit weights are not supported"), ("q_proj:bits=x", "must be an integer"),
+    ("q_proj:bits=5", "5-bit weights are not supported"), ("lm_head:bits=8", "8-bit log codebooks"), ("q_proj:bits=x", "must be an integer"),
     ("q_proj:recipe=nope", "unknown recipe 'nope'"), ("q_proj:size=3", "is not key=value"),
     ("q_proj:method=float", "unknown quantization method"), ("q_proj:group_size=-3", "group size -3")])
 def test_bad_overrides_are_one_clear_error(text, message, capsys):
