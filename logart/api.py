@@ -28,7 +28,7 @@ class QuantizationResult:
 
 
 def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
-             log=print, state=None, **recipe_options) -> QuantizationResult:
+             log=print, state=None, streamer=None, **recipe_options) -> QuantizationResult:
     """Quantize the decoder linear layers of a Hugging Face causal LM in place.
 
     recipe: a `Recipe` or a preset name (`logart`, `logart-fast`, `log2-rtn`, `rtn`, `gptq`) with options
@@ -36,10 +36,12 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     calib: LongTensor [nsamples, seqlen] of token windows (see `logart.data.calibration_set`); not needed by
         data-free recipes.
     state: a `logart.calib.resume.RunState` to make the run resumable (the CLI does this for --output).
+    streamer: larger-than-memory runs load and pack one block at a time (see `logart.pipeline.PackAfterBlock`).
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
-    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log, state=state)
+    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log, state=state,
+                                    streamer=streamer)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0)

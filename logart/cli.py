@@ -7,6 +7,7 @@
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
     logart export DIR OUT [--dtype float16|bfloat16|float32]   # plain HF checkpoint, no logart needed
+    logart convert MODEL OUT [--shard-size 100MB]   # sharded safetensors folder, the input of --max-memory
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -58,7 +59,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "to the embeddings is untied")
     p.add_argument("--embeddings", action="store_true",
                    help="also quantize the token embeddings (data-free, stored packed)")
-    p.add_argument("--calib", default="news", help="news (packaged), wikipedia, or a local .txt/.jsonl/.json(.gz) file")
+    p.add_argument("--calib", default="news", help="news (packaged), wikipedia, a local .txt/.jsonl/.json(.gz) file, or hf:NAME[:CONFIG[:SPLIT]] from the local HF datasets cache")
     p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
     p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
@@ -68,6 +69,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--results", help="results.csv to append to (default: beside --output)")
     p.add_argument("--tag", help="a name for this run, recorded in its results row")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="larger-than-memory mode: keep at most SIZE (e.g. 300MB) of weights in memory, loading one "
+                        "block at a time from a safetensors folder (see `logart convert`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -93,7 +97,8 @@ def _options_from(args):
     return RunOptions(model=args.model, output=args.output, calib=args.calib,
                       eval=None if args.no_eval else args.eval,
                       eval_windows=None if args.eval_windows == 0 else args.eval_windows, eval_fp32=args.eval_fp32,
-                      results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
+                      results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
+                      max_memory=args.max_memory, progress=not args.quiet)
 
 
 def cmd_quantize(args):
@@ -132,6 +137,24 @@ def cmd_eval(args):
     windows = eval_set(tok, args.eval, seqlen=args.seqlen, max_windows=None if args.eval_windows == 0 else args.eval_windows)
     ppl = perplexity(model, windows, progress=not args.quiet)
     print(f"perplexity ({args.eval}, {windows.shape[0]} x {windows.shape[1]}): {ppl:.4f}")
+    _compare_with_run(args, windows, ppl)
+
+
+def _compare_with_run(args, windows, ppl):
+    """Set the reloaded perplexity beside the one the quantizing run measured in memory, when comparable."""
+    import json
+    from pathlib import Path
+
+    path = Path(args.dir) / "report.json"
+    if not path.is_file():
+        return
+    run = json.loads(path.read_text())
+    requested = None if args.eval_windows == 0 else args.eval_windows
+    same = (run.get("eval") == args.eval and run.get("eval_windows") == requested
+            and run.get("recipe", {}).get("seqlen") == windows.shape[1])
+    if same and run.get("ppl"):
+        print(f"in-memory perplexity of the quantizing run (report.json): {run['ppl']:.4f}; "
+              f"relative difference {abs(ppl - run['ppl']) / run['ppl']:.2e}")
 
 
 def cmd_generate(args):
@@ -176,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
     from logart.io.export import add_export_parser
     add_export_parser(sub)
+    from logart.io.convert import add_convert_parser
+    add_convert_parser(sub)
     return ap
 
 

@@ -19,8 +19,10 @@ from logart.calib.resume import RunState, fingerprint
 from logart.data import calibration_set, eval_set, text_source
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
-from logart.io.checkpoint import refuse_to_overwrite, save_quantized
+from logart.io.checkpoint import pack_model, refuse_to_overwrite, save_quantized
 from logart.models import detach_gguf, load_causal_lm
+from logart.models.streaming import open_streaming, parse_size, resident_bytes
+from logart.quant import LogartError
 from logart.recipes import Recipe
 from logart.report import append_csv, now, peak_rss_gb, versions, write_json
 
@@ -38,7 +40,23 @@ class RunOptions:
     tag: str | None = None            # a name for the run, recorded in its row
     overwrite: bool = False
     threads: int | None = None
+    max_memory: str | int | None = None   # larger-than-memory mode: a weight budget, e.g. "300MB"
     progress: bool = True
+
+
+class PackAfterBlock:
+    """The driver's streamer for larger-than-memory runs: load a block's float weights just before it is
+    quantized, pack its linears as soon as it is finished (their float weights are then freed)."""
+
+    def __init__(self, model, weights):
+        self.model, self.weights = model, weights
+
+    def load(self, block_name: str) -> None:
+        self.weights.load(block_name)
+
+    def done(self, block_name: str, block_params: dict) -> None:
+        pack_model(self.model, block_params)
+        self.weights.release()
 
 
 def seed_everything(seed: int) -> None:
@@ -64,8 +82,18 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         text_source(opts.eval)
     seed_everything(recipe.seed)
     t = time.perf_counter()
-    model, tokenizer = load_causal_lm(opts.model)
-    model = detach_gguf(model)
+    streamer = None
+    if opts.max_memory is not None:
+        if opts.eval_fp32:
+            raise LogartError("--eval-fp32 needs the whole float model in memory, which --max-memory avoids.",
+                              "measure fp32 separately, or drop --max-memory.")
+        model, tokenizer, weights = open_streaming(opts.model, parse_size(opts.max_memory))
+        streamer = PackAfterBlock(model, weights)
+        log(f"streaming {opts.model} block by block: {resident_bytes(model) / 2**20:.1f} MiB of weights outside "
+            f"the blocks in memory, budget {weights.budget / 2**20:.1f} MiB")
+    else:
+        model, tokenizer = load_causal_lm(opts.model)
+        model = detach_gguf(model)
     log(f"loaded {opts.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
         f"({time.perf_counter() - t:.0f} s)")
     row = {"tag": opts.tag, "date": now(), "model": opts.model, "recipe": recipe.to_dict(), "calib": opts.calib, "eval": opts.eval,
@@ -92,8 +120,14 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         import logart
         state = RunState(Path(f"{opts.output}.partial"), fingerprint(
             model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=logart.__version__))
-    result = quantize(model, recipe, calib, progress=opts.progress, log=log, state=state)
+    result = quantize(model, recipe, calib, progress=opts.progress, log=log, state=state, streamer=streamer)
+    if streamer is not None:
+        row["streaming"] = {"budget_mib": round(streamer.weights.budget / 2**20, 1),
+                            "peak_weights_mib": round(streamer.weights.peak / 2**20, 1)}
+        log(f"peak weights in memory while streaming: {row['streaming']['peak_weights_mib']} MiB")
     row["quant_seconds"] = round(result.seconds, 1)
+    # The high-water mark of loading + quantizing, before evaluation's own peak (full-vocabulary logits).
+    row["peak_rss_quant_gb"] = round(peak_rss_gb(), 3)
     row["k_histogram"] = {str(k): v for k, v in result.k_histogram().items()}
     log(f"quantized {len(result.layers)} linear layers in {result.seconds:.1f} s; chosen k: {row['k_histogram']}")
     if windows is not None:

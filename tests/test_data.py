@@ -219,3 +219,26 @@ def test_sets_without_cache_write_nothing(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("LOGART_CACHE", str(tmp_path))
     assert eval_set(tok, DOCS, seqlen=64, max_windows=None, cache=False).shape[1] == 64
     assert not list(tmp_path.iterdir())
+
+
+def test_same_text_from_a_hugging_face_dataset(tmp_path, tok, monkeypatch):
+    """`hf:NAME:CONFIG:SPLIT` goes through datasets.load_dataset offline; a local dataset folder stands in for a
+    warm hub cache (same call, no network)."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    _write(folder / "test.jsonl", "\n".join(json.dumps({"text": d}) for d in DOCS) + "\n")
+    source = f"hf:{folder}::test"
+    assert load_text(source) == load_text(DOCS)
+    reference = calibration_windows(tokenize(tok, load_text(DOCS)), nsamples=3, seqlen=64)
+    assert torch.equal(calibration_windows(tokenize(tok, load_text(source)), nsamples=3, seqlen=64), reference)
+    with pytest.raises(LogartError, match="no 'body' column"):
+        load_text(source, field="body")
+
+
+def test_a_cold_hugging_face_cache_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(LogartError, match="not in the local Hugging Face datasets cache.*never downloads"):
+        load_text("hf:logart-no-such-dataset:none:test")

@@ -98,9 +98,10 @@ def test_cli_quantize_eval_generate(local_model, tmp_path, capsys):
     assert len(rows) == 1 and float(rows[0]["ppl"]) == pytest.approx(report["ppl"])
     capsys.readouterr()
     assert _cli("eval", out, "--eval", text, "--seqlen", 64, "--eval-windows", 3, "--quiet") == 0
-    printed = capsys.readouterr().out
-    reloaded = float(printed.strip().split()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    reloaded = float(lines[-2].split()[-1])
     assert reloaded == pytest.approx(report["ppl"], rel=1e-4)
+    assert lines[-1].startswith("in-memory perplexity") and float(lines[-1].split()[-1]) < 1e-4
     assert _cli("generate", out, "the quick", "--max-new-tokens", 4) == 0
 
 

@@ -100,7 +100,7 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> 
 
 
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
-                   on_block_done=None, state=None) -> tuple[list[LayerRecord], dict]:
+                   on_block_done=None, state=None, streamer=None) -> tuple[list[LayerRecord], dict]:
     """Quantize every linear layer inside the decoder blocks of `model` in place, each with its effective recipe
     (`Recipe.for_module`: ignore list, then the first matching override); norms stay in full precision, and so
     do the token embedding and the lm_head unless opted in (calib/ends.py). Returns the per-layer records and
@@ -108,7 +108,10 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
 
     state: a `RunState` (calib/resume.py): finished blocks are restored from it instead of recomputed, and
     every block finished here is committed to it. The ends are not committed: they are recomputed exactly
-    (the embedding is data-free, the head depends only on the restored blocks and the calibration windows)."""
+    (the embedding is data-free, the head depends only on the restored blocks and the calibration windows).
+    streamer: for models larger than memory, an object with `load(block_name)`, called before a block is
+    touched, and `done(block_name, block_params)`, called once the block is finished and propagated (it packs
+    the block, dropping its float weights). None: the whole model is in memory."""
     torch.manual_seed(recipe.seed)
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -123,7 +126,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
         if log:
             log(rec.line())
     if state is not None and state.done:
-        restored_params, restored = state.restore(model, lambda n: codebook_of(recipe.for_module(n).codebook))
+        restored_params, restored = state.restore(model, prefix, lambda n: codebook_of(recipe.for_module(n).codebook),
+                                                    streamer)
         params.update(restored_params)
         start = state.done
         records += [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
@@ -139,6 +143,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block")
     for b in bar:
         block = blocks[b]
+        if streamer is not None:
+            streamer.load(f"{prefix}.{b}")
         chosen = {}  # block-relative name -> (full name, layer, effective recipe); ignored layers left out
         for name, layer in linear_layers(block).items():
             eff = recipe.for_module(f"{prefix}.{b}.{name}")
@@ -164,6 +170,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
         if state is not None:
             state.commit_block(b, {n: model.get_submodule(n).weight for n in block_params}, block_params,
                                [r.to_dict() for r in block_records], inputs)
+        if streamer is not None:
+            streamer.done(f"{prefix}.{b}", block_params)
         if on_block_done is not None:
             on_block_done(b, time.perf_counter() - t0)
     if head is not None:  # last: its inputs are the quantized model's final hidden states

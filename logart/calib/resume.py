@@ -63,19 +63,26 @@ class RunState:
     def _inputs_path(self, block: int) -> Path:
         return self.folder / f"inputs-{block:04d}.safetensors"
 
-    def restore(self, model, codebook_of) -> tuple[dict, torch.Tensor | None]:
+    def restore(self, model, prefix: str, codebook_of, streamer=None) -> tuple[dict, torch.Tensor | None]:
         """Write the finished blocks' weights back into `model`; return their params and the saved inputs of
         the first unfinished block (None for data-free runs). `codebook_of(module name)`: that module's
-        codebook (re-resolved from the recipe, which the fingerprint pins down)."""
+        codebook (re-resolved from the recipe, which the fingerprint pins down). `streamer`: see
+        `quantize_model`."""
         params = {}
         for b in range(self.done):
+            if streamer is not None:
+                streamer.load(f"{prefix}.{b}")
             saved = load_file(str(self.folder / f"block-{b:04d}.safetensors"))
             names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight"))
+            block_params = {}
             for name in names:
                 model.get_submodule(name).weight.data.copy_(saved[f"{name}.weight"])
                 codebook = codebook_of(name)
                 fields = {f.name: saved[f"{name}.param.{f.name}"] for f in dataclasses.fields(codebook.params_type)}
-                params[name] = (codebook, codebook.params_type(**fields))
+                block_params[name] = (codebook, codebook.params_type(**fields))
+            params.update(block_params)
+            if streamer is not None:
+                streamer.done(f"{prefix}.{b}", block_params)
         path = self._inputs_path(self.done)
         inputs = load_file(str(path))["hidden"] if self.done and path.is_file() else None
         return params, inputs

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from logart.data.files import join_documents, read_text_file
+from logart.data.hf_cache import hf_cached_text
 from logart.data.text import packaged_news_text, packaged_wikipedia_text
 from logart.errors import LogartError
 
@@ -36,6 +37,7 @@ def text_source(source, field: str = "text") -> TextSource:
 
     - `"wikipedia"` / `"news"`: the packaged corpora of the protocol (gensim 4.4.0 wheel);
     - a path (str or PathLike) of a local file: plain text, .jsonl, .json, optionally .gz (see data/files.py);
+    - `"hf:NAME[:CONFIG[:SPLIT]]"`: a dataset in the local Hugging Face datasets cache (data/hf_cache.py);
     - a list/tuple of strings: documents, joined with "\\n\\n";
     - a `TextSource`: returned as is.
 
@@ -46,6 +48,8 @@ def text_source(source, field: str = "text") -> TextSource:
         return source
     if isinstance(source, (list, tuple)):
         return TextSource("list", join_documents(source))
+    if isinstance(source, str) and source.startswith("hf:"):
+        return TextSource(source, hf_cached_text(source[3:], field=field))
     if isinstance(source, str) and source in PACKAGED:
         return TextSource(f"packaged:{source}", PACKAGED[source]())
     if isinstance(source, (str, os.PathLike)):

@@ -10,7 +10,9 @@ extension cannot be built (no compiler), `LogLinear` keeps its pure-PyTorch path
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +35,11 @@ def _cpu_flags() -> list[str]:
 
 def build_dir() -> Path:
     root = Path(os.environ.get("LOGART_CACHE", Path.home() / ".cache" / "logart"))
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(_cpu_flags() + ["omp"]).encode() + torch.__version__.encode()).hexdigest()[:12]
+    # The build depends on the environment's include paths too: key on the interpreter prefix, or two venvs
+    # sharing the cache would rebuild the extension (about 30 s) every time the other one used it.
+    key = [SOURCE.read_bytes(), " ".join(_cpu_flags() + ["omp"]).encode(), torch.__version__.encode(),
+           os.path.realpath(sys.prefix).encode()]
+    tag = hashlib.sha256(b"\0".join(key)).hexdigest()[:12]
     d = root / "kernels" / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -45,6 +51,8 @@ def load(verbose: bool = False):
     if _ext is not None or _failed:
         return _ext
     try:
+        # cpp_extension warns at import that there is no CUDA runtime: true and irrelevant for a CPU kernel.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load as load_ext
         _ext = load_ext(name="logart_lut", sources=[str(SOURCE)], build_directory=str(build_dir()),
                         extra_cflags=["-O3", "-fopenmp", *_cpu_flags()], extra_ldflags=["-fopenmp"],

@@ -32,15 +32,16 @@ TINY_CONFIGS = {
 TINY_ARCHS = tuple(TINY_CONFIGS)
 
 
-def tiny_causal_lm(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager"):
-    """A seeded, fp32, eval-mode tiny model of `arch` (one of `TINY_ARCHS`). The global RNG is left as it was."""
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager", **config):
+    """A seeded, fp32, eval-mode tiny model of `arch` (one of `TINY_ARCHS`), with optional config changes
+    (e.g. `num_hidden_layers=6`). The global RNG is left as it was."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in TINY_CONFIGS:
         from logart.errors import LogartError
 
         raise LogartError(f"no tiny model for {arch!r}.", f"use one of {', '.join(TINY_ARCHS)}.")
-    config = AutoConfig.for_model(arch, **TINY_CONFIGS[arch])
+    config = AutoConfig.for_model(arch, **{**TINY_CONFIGS[arch], **config})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
