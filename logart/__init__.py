@@ -22,7 +22,7 @@ def __getattr__(name):
     if name in ("save_quantized", "load_quantized"):
         from logart.io import checkpoint
         return getattr(checkpoint, name)
-    if name in ("make_recipe", "Recipe"):
+    if name in ("make_recipe", "Recipe", "Override"):
         from logart import recipes
         return getattr(recipes, name)
     raise AttributeError(f"module 'logart' has no attribute {name!r}")

@@ -1,6 +1,8 @@
 """The `logart` command.
 
     logart quantize --model smollm2-135m --bits 3 [--group-size 128] [--recipe logart] [--output DIR]
+                    [--ignore REGEX] [--override 'REGEX:bits=3,group_size=128,method=log2,recipe=gptq']
+                    [--lm-head] [--embeddings]
     logart eval DIR                    # reload a packed checkpoint and measure its perplexity
     logart generate DIR "prompt"       # greedy text from a packed checkpoint
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
@@ -23,7 +25,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from logart.quant import LogartError
-from logart.recipes import PRESETS, make_recipe
+from logart.recipes import PRESETS, Override, make_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
@@ -46,7 +48,17 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="keep matching linear layers (e.g. 'mlp.down_proj') in full precision; repeatable")
+                   help="keep modules whose full name matches (re.search, e.g. 'mlp.down_proj') in full precision; "
+                        "repeatable; beats every --override")
+    p.add_argument("--override", action="append", default=[], metavar="REGEX:KEY=VALUE[,...]",
+                   help="per-module settings, keys bits, group_size, method, recipe (a preset name), e.g. "
+                        "'layers\\.0\\.:bits=4' or 'down_proj:recipe=gptq,group_size=128'; repeatable, in order: "
+                        "the first rule whose regex matches a module's full name applies")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also quantize the lm_head (after the last block, with its input Hessian); an lm_head tied "
+                        "to the embeddings is untied")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also quantize the token embeddings (data-free, stored packed)")
     p.add_argument("--calib", default="news", help="news (packaged), wikipedia, a local .txt/.jsonl/.json(.gz) file, or hf:NAME[:CONFIG[:SPLIT]] from the local HF datasets cache")
     p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
     p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
@@ -65,7 +77,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
 
 def _recipe_from(args):
     overrides = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                 "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore)}
+                 "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
+                 "overrides": tuple(Override.parse(o) for o in args.override),
+                 "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

@@ -112,6 +112,9 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     log(f"quantizing with recipe {recipe.name}: {recipe.codebook.method} {recipe.codebook.bits}-bit, group "
         f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.dbs else ''}"
         f"{'SFS ' if recipe.sfs else ''}({recipe.score}), rounding {recipe.rounding}")
+    for i, rule in enumerate(recipe.overrides, 1):
+        settings = ", ".join(f"{k}={v}" for k, v in rule.__dict__.items() if k != "pattern" and v is not None)
+        log(f"override {i} (first match wins): /{rule.pattern}/ -> {settings}")
     state = None
     if opts.output:  # resumable: finished blocks survive an interruption in <output>.partial/
         import logart

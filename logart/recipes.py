@@ -7,17 +7,79 @@ A recipe = a codebook (what values exist) + a parameter search (which codebook p
     SFS  search over the scale multiplier s  (`sfs=True`)
     ABS  asymmetric extension                (`codebook.symmetric=False`)
     LLR  learned rounding of the exponent    (`rounding="llr"`)
+
+Per-module control (issue #3). Module names are full names (`model.layers.3.mlp.down_proj`, `lm_head`):
+
+    ignore     regexes of modules kept in full precision; ignore beats every override
+    overrides  an ordered list of `Override(pattern, bits, group_size, method, recipe)`: the FIRST rule whose
+               regex `re.search`es the name applies (like a firewall rule list), later rules are not consulted.
+               `recipe` names a preset whose search/rounding/codebook replace the global ones for that module;
+               bits / group_size / method then apply on top. Calibration settings stay global.
+    quantize_lm_head, quantize_embeddings
+               opt the output head (quantized last, with the Hessian of its real inputs) and the input token
+               embeddings (data-free, before calibration) in; both are off by default.
+
+`Recipe.for_module(name)` is the one resolver: the effective recipe of a module, or None when it is ignored.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, replace
 
-from logart.quant import QuantSpec
+from logart.quant import QuantSpec, make_codebook
 from logart.quant.errors import LogartError
 
 ROUNDINGS = ("rtn", "gptq", "llr", "gptq+llr")
 SEARCHES = ("fast", "exhaustive")
+OVERRIDE_KEYS = ("bits", "group_size", "method", "recipe")
+
+
+@dataclass(frozen=True)
+class Override:
+    """One per-module rule: modules whose full name matches `pattern` (re.search) use these settings.
+    None keeps the global value."""
+
+    pattern: str
+    bits: int | None = None
+    group_size: int | None = None
+    method: str | None = None
+    recipe: str | None = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise LogartError(f"override pattern {self.pattern!r} is not a valid regular expression ({e}).",
+                              "escape special characters, e.g. 'layers\\.0\\.mlp'.") from e
+        if self.recipe is not None and self.recipe not in PRESETS:
+            raise LogartError(f"override {self.pattern!r} names an unknown recipe {self.recipe!r}.",
+                              f"use one of {', '.join(PRESETS)}.")
+
+    @classmethod
+    def parse(cls, text: str) -> "Override":
+        """`REGEX:key=value,key=value` (keys: bits, group_size, method, recipe), e.g.
+        `mlp\\.down_proj:bits=8` or `layers\\.0\\.:recipe=gptq,group_size=128`. The options follow the LAST
+        colon, so the regex itself may contain colons."""
+        pattern, sep, options = text.rpartition(":")
+        if not sep or not pattern or not options:
+            raise LogartError(f"override {text!r} is not of the form REGEX:key=value[,key=value].",
+                              "e.g. --override 'mlp\\.down_proj:bits=8,group_size=128'.")
+        fields = {}
+        for item in options.split(","):
+            key, eq, value = (part.strip() for part in item.partition("="))
+            key = key.replace("-", "_")
+            if not eq or key not in OVERRIDE_KEYS:
+                raise LogartError(f"override {text!r}: {item!r} is not key=value with a key among "
+                                  f"{', '.join(OVERRIDE_KEYS)}.", "e.g. --override 'lm_head:bits=8'.")
+            if key in ("bits", "group_size"):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise LogartError(f"override {text!r}: {key} must be an integer, not {value!r}.",
+                                      f"e.g. {key}=4.") from None
+            fields[key] = value
+        return cls(pattern, **fields)
 
 
 @dataclass(frozen=True)
@@ -38,7 +100,10 @@ class Recipe:
     nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
-    ignore: tuple[str, ...] = field(default_factory=tuple)   # regexes of linear layers kept in full precision
+    ignore: tuple[str, ...] = field(default_factory=tuple)   # regexes of modules kept in full precision
+    overrides: tuple[Override, ...] = field(default_factory=tuple)   # ordered: the first match wins
+    quantize_lm_head: bool = False
+    quantize_embeddings: bool = False
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
@@ -50,6 +115,42 @@ class Recipe:
         if self.nsamples < 1 or self.seqlen < 2:
             raise LogartError(f"calibration needs at least one window of two tokens (got {self.nsamples} x {self.seqlen}).",
                               "use e.g. --nsamples 32 --seqlen 2048.")
+        for pattern in self.ignore:
+            Override(pattern)  # an Override checks its regex: the same message for a bad ignore pattern
+        # Python callers may write rules as "REGEX:key=value" strings or dicts, like the CLI and config.json do.
+        rules = tuple(Override.parse(r) if isinstance(r, str) else Override(**r) if isinstance(r, dict) else r
+                      for r in self.overrides)
+        object.__setattr__(self, "overrides", rules)
+        make_codebook(self.codebook)  # bits the method cannot represent fail here, before the model loads
+        for rule in self.overrides:  # every rule must yield a valid recipe now, not after hours of quantization
+            try:
+                self._apply(rule)
+            except LogartError as e:
+                raise LogartError(f"override {rule.pattern!r}: {e.problem}", e.fix) from None
+
+    def _apply(self, rule: Override) -> "Recipe":
+        """This recipe with `rule` applied (calibration settings and the run-wide options stay this recipe's)."""
+        base = self
+        if rule.recipe is not None:
+            spec = self.codebook
+            base = make_recipe(rule.recipe, bits=spec.bits, group_size=spec.group_size, mode=spec.mode,
+                               **{k: getattr(self, k) for k in _RUN_WIDE})
+        method = rule.method or base.codebook.method
+        codebook = replace(base.codebook, method=method,
+                           bits=base.codebook.bits if rule.bits is None else rule.bits,
+                           group_size=base.codebook.group_size if rule.group_size is None else rule.group_size,
+                           # the 1 + 1/2 approximation only exists for log codebooks
+                           hardware_approx=base.codebook.hardware_approx and method != "uniform")
+        return replace(base, codebook=codebook, ignore=(), overrides=(), quantize_lm_head=False,
+                       quantize_embeddings=False)
+
+    def for_module(self, name: str) -> "Recipe | None":
+        """The effective recipe of the module with full name `name`: None when `ignore` matches (ignore beats
+        every override), else this recipe with the first matching override applied (first match wins)."""
+        if any(re.search(p, name) for p in self.ignore):
+            return None
+        rule = next((r for r in self.overrides if re.search(r.pattern, name)), None)
+        return self if rule is None else self._apply(rule)
 
     @property
     def searches(self) -> bool:
@@ -58,8 +159,10 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Data is needed to score a search or to round; a single candidate with RTN is data-free."""
-        return (self.score == "hessian" and self.searches) or self.rounding != "rtn"
+        """Data is needed to score a search or to round (by this recipe or by any override); a single
+        candidate with RTN is data-free."""
+        own = (self.score == "hessian" and self.searches) or self.rounding != "rtn"
+        return own or any(self._apply(r).needs_calibration for r in self.overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -71,6 +174,9 @@ def _log(bits, group_size, mode, **kw):
     return QuantSpec(method=kw.pop("method", "log_dynamic"), bits=bits, group_size=group_size, mode=mode,
                      symmetric=kw.pop("symmetric", False), hardware_approx=kw.pop("hardware_approx", False))
 
+
+# Settings shared by the whole run, which an override's preset does not replace.
+_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp")
 
 PRESETS = {
     # The paper's full recipe: DBS + SFS + ABS + LLR, with the original's optional GPTQ initialisation

@@ -14,11 +14,11 @@ class Interrupt(Exception):
     pass
 
 
-def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=None):
+def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=None, model=None, **options):
     """Quantize a fresh tiny model with a resumable state in `folder`; optionally die part-way."""
-    model = tiny_causal_lm("llama", seed=0)
+    model = model or tiny_causal_lm("llama", seed=0)
     calib = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(0))
-    recipe = make_recipe(recipe_name, bits=3, llr_iters=15)
+    recipe = make_recipe(recipe_name, **{"bits": 3, "llr_iters": 15, **options})
     state = RunState(folder, fingerprint(recipe=recipe.to_dict(), calib=calib))
     real, calls = driver.quantize_linear, {"n": 0}
 

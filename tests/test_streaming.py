@@ -59,6 +59,18 @@ def test_streaming_under_a_budget_matches_the_in_memory_run(sharded, tmp_path):
     assert stream["ppl"] == pytest.approx(mem["ppl"], rel=1e-4)   # packed model vs fake-quantized floats
 
 
+def test_streaming_with_overrides_and_ends_matches_the_in_memory_run(sharded, tmp_path):
+    """Per-module codebooks are packed block by block, the head is calibrated on the packed blocks."""
+    folder, text, model_bytes = sharded
+    extra = ["--override", r"layers\.[0-2]\.:bits=4,group_size=16", "--override", "mlp:recipe=rtn", "--lm-head",
+             "--embeddings"]
+    assert _quantize(folder, text, tmp_path / "mem", *extra) == 0
+    assert _quantize(folder, text, tmp_path / "stream", "--max-memory", int(model_bytes * 0.8), *extra) == 0
+    _same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    qc = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]
+    assert {"lm_head", "model.embed_tokens"} <= set(qc["modules"]) and qc["module_specs"]
+
+
 def test_a_budget_below_one_block_is_refused(sharded, tmp_path, capsys):
     folder, text, model_bytes = sharded
     assert _quantize(folder, text, tmp_path / "out", "--max-memory", int(model_bytes * 0.2)) == 2

@@ -12,13 +12,14 @@ quantized (the original's aespa-style order, spec §4.3).
 
 from __future__ import annotations
 
-import re
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from logart.calib.ends import opted_in_ends, quantize_embedding, quantize_head
 from logart.calib.hessian import HessianAccumulator
 from logart.calib.layer import quantize_linear
 from logart.models.decoder import block_output, capture_block_inputs, decoder_layers, linear_layers
@@ -98,33 +99,41 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> 
     return {name: accs[members[0]] for members in groups.values() for name in members}
 
 
-def _selected(linears: dict, ignore) -> dict:
-    pats = [re.compile(p) for p in ignore]
-    return {n: m for n, m in linears.items() if not any(p.search(n) for p in pats)}
-
-
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
                    on_block_done=None, state=None, streamer=None) -> tuple[list[LayerRecord], dict]:
-    """Quantize every linear layer inside the decoder blocks of `model` in place; embeddings, norms and the
-    lm_head stay in full precision. Returns the per-layer records and {module name: (codebook, params)}.
+    """Quantize every linear layer inside the decoder blocks of `model` in place, each with its effective recipe
+    (`Recipe.for_module`: ignore list, then the first matching override); norms stay in full precision, and so
+    do the token embedding and the lm_head unless opted in (calib/ends.py). Returns the per-layer records and
+    {module name: (codebook, params)}.
 
     state: a `RunState` (calib/resume.py): finished blocks are restored from it instead of recomputed, and
-    every block finished here is committed to it.
+    every block finished here is committed to it. The ends are not committed: they are recomputed exactly
+    (the embedding is data-free, the head depends only on the restored blocks and the calibration windows).
     streamer: for models larger than memory, an object with `load(block_name)`, called before a block is
     touched, and `done(block_name, block_params)`, called once the block is finished and propagated (it packs
     the block, dropping its float weights). None: the whole model is in memory."""
     torch.manual_seed(recipe.seed)
     blocks = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
-    cb = make_codebook(recipe.codebook)
+    codebook_of = functools.cache(make_codebook)   # one codebook per distinct spec, shared by its layers
     params, start, records = {}, 0, []
-    if state is not None and state.done:
-        params, restored = state.restore(model, prefix, cb, streamer)
-        start = state.done
-        records = [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
-                                  "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
+    embedding, head = opted_in_ends(model, recipe, log)
+    if embedding is not None:  # before calibration: the blocks then see the embeddings the quantized model uses
+        name, module, eff = embedding
+        rec, p = quantize_embedding(name, module, eff, codebook_of(eff.codebook))
+        records.append(rec)
+        params[name] = (codebook_of(eff.codebook), p)
         if log:
-            log(f"resuming after block {start - 1}: {len(params)} layers restored from {state.folder}")
+            log(rec.line())
+    if state is not None and state.done:
+        restored_params, restored = state.restore(model, prefix, lambda n: codebook_of(recipe.for_module(n).codebook),
+                                                    streamer)
+        params.update(restored_params)
+        start = state.done
+        records += [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
+                                   "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
+        if log:
+            log(f"resuming after block {start - 1}: {len(restored_params)} layers restored from {state.folder}")
     inputs, kwargs = (None, None)
     if recipe.needs_calibration and start < len(blocks):
         if calib is None:
@@ -136,14 +145,19 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
         block = blocks[b]
         if streamer is not None:
             streamer.load(f"{prefix}.{b}")
-        linears = _selected(linear_layers(block), recipe.ignore)
+        chosen = {}  # block-relative name -> (full name, layer, effective recipe); ignored layers left out
+        for name, layer in linear_layers(block).items():
+            eff = recipe.for_module(f"{prefix}.{b}.{name}")
+            if eff is not None:
+                chosen[name] = (f"{prefix}.{b}.{name}", layer, eff)
         t0 = time.perf_counter()
-        hessians = block_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
+        calibrated = {n: layer for n, (_, layer, eff) in chosen.items() if eff.needs_calibration}
+        hessians = block_hessians(block, calibrated, inputs, kwargs) if inputs is not None and calibrated else {}
         block_records, block_params = [], {}
-        for name, layer in linears.items():
-            full = f"{prefix}.{b}.{name}"
+        for name, (full, layer, eff) in chosen.items():
             bar.set_postfix_str(name)
-            rec, p = quantize_linear(layer, cb, recipe, hessians.get(name), name=full, progress=progress)
+            cb = codebook_of(eff.codebook)
+            rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, progress=progress)
             block_records.append(rec)
             block_params[full] = (cb, p)
             if log:
@@ -160,4 +174,12 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
             streamer.done(f"{prefix}.{b}", block_params)
         if on_block_done is not None:
             on_block_done(b, time.perf_counter() - t0)
+    if head is not None:  # last: its inputs are the quantized model's final hidden states
+        name, module, eff = head
+        torch.manual_seed(recipe.seed)  # the same state whether or not this run resumed
+        rec, p = quantize_head(model, name, module, eff, codebook_of(eff.codebook), calib, progress=progress)
+        records.append(rec)
+        params[name] = (codebook_of(eff.codebook), p)
+        if log:
+            log(rec.line())
     return records, params

@@ -63,9 +63,11 @@ class RunState:
     def _inputs_path(self, block: int) -> Path:
         return self.folder / f"inputs-{block:04d}.safetensors"
 
-    def restore(self, model, prefix: str, codebook, streamer=None) -> tuple[dict, torch.Tensor | None]:
+    def restore(self, model, prefix: str, codebook_of, streamer=None) -> tuple[dict, torch.Tensor | None]:
         """Write the finished blocks' weights back into `model`; return their params and the saved inputs of
-        the first unfinished block (None for data-free runs). `streamer`: see `quantize_model`."""
+        the first unfinished block (None for data-free runs). `codebook_of(module name)`: that module's
+        codebook (re-resolved from the recipe, which the fingerprint pins down). `streamer`: see
+        `quantize_model`."""
         params = {}
         for b in range(self.done):
             if streamer is not None:
@@ -75,6 +77,7 @@ class RunState:
             block_params = {}
             for name in names:
                 model.get_submodule(name).weight.data.copy_(saved[f"{name}.weight"])
+                codebook = codebook_of(name)
                 fields = {f.name: saved[f"{name}.param.{f.name}"] for f in dataclasses.fields(codebook.params_type)}
                 block_params[name] = (codebook, codebook.params_type(**fields))
             params.update(block_params)

@@ -1,7 +1,9 @@
 """The logart checkpoint: a Hugging Face style folder that holds real n-bit packed weights.
 
     DIR/config.json          the model config + `quantization_config` (quant_method "logart", format version,
-                             codebook, recipe, the packed module names, producer version)
+                             codebook, recipe (with its ordered overrides), the packed module names, producer
+                             version, and `module_specs`: the codebook of every packed module whose spec differs
+                             from the global one, i.e. where an override applied; absent in older checkpoints)
     DIR/model.safetensors    packed codes, row scales, dequant tables, and the untouched fp tensors;
                              its metadata holds a sha256 per tensor, so corruption is detected on load
     DIR/tokenizer files, generation_config.json
@@ -26,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import logart
+from logart.io.embedding import packed_class
 from logart.io.linear import LogLinear
 from logart.quant import LogartError
 
@@ -48,12 +51,28 @@ def _set_module(model, name: str, new):
 
 
 def pack_model(model, layers: dict) -> list[str]:
-    """Replace every quantized `nn.Linear` (name -> (codebook, params)) by a `LogLinear` in place."""
+    """Replace every quantized `nn.Linear` / `nn.Embedding` (name -> (codebook, params)) by a `LogLinear` /
+    `LogEmbedding` in place."""
     for name, (codebook, params) in layers.items():
-        linear = _module(model, name)
-        if not isinstance(linear, LogLinear):
-            _set_module(model, name, LogLinear.from_linear(linear, codebook, params))
+        module = _module(model, name)
+        if not isinstance(module, LogLinear):
+            _set_module(model, name, packed_class(module).from_linear(module, codebook, params))
     return sorted(layers)
+
+
+def module_spec(qc: dict, name: str) -> dict:
+    """The codebook of packed module `name`: its `module_specs` entry where an override applied, else the global
+    one (a checkpoint written before overrides existed has no `module_specs`)."""
+    return {**qc, **(qc.get("module_specs") or {}).get(name, {})}
+
+
+def packed_shell(module, name: str, qc: dict, n_tables: int) -> LogLinear:
+    """The empty packed module that replaces `module` of the skeleton, with `name`'s own bits and group size."""
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        raise LogartError(f"{name} is a {type(module).__name__}, not a Linear or Embedding layer.",
+                          "the config and the architecture do not belong together; re-export the checkpoint.")
+    spec = module_spec(qc, name)
+    return packed_class(module).empty_like(module, spec["bits"], spec["group_size"], n_tables)
 
 
 def _unique_state(model) -> dict:
@@ -90,9 +109,9 @@ def _write_atomically(directory: Path, write, overwrite: bool):
         raise
 
 
-def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str]) -> dict:
+def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str], module_specs: dict | None = None) -> dict:
     return {"quant_method": "logart", "format_version": FORMAT_VERSION, **codebook_spec, "recipe": recipe,
-            "modules": modules, "producer": f"logart {logart.__version__}"}
+            "modules": modules, "module_specs": module_specs or {}, "producer": f"logart {logart.__version__}"}
 
 
 def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
@@ -105,7 +124,9 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
             "logart.sha256": json.dumps({k: _sha256(v) for k, v in state.items()})}
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["quantization_config"] = quantization_config(recipe.codebook.to_dict(), recipe.to_dict(), modules)
+    own_specs = {name: cb.spec.to_dict() for name, (cb, _) in layers.items() if cb.spec != recipe.codebook}
+    config["quantization_config"] = quantization_config(recipe.codebook.to_dict(), recipe.to_dict(), modules,
+                                                        own_specs)
 
     choices = {f"{name}.{f.name}": getattr(p, f.name).detach().cpu().contiguous()
                for name, (_, p) in layers.items() for f in dataclasses.fields(p)}
@@ -197,14 +218,13 @@ def load_quantized(directory, device: str = "cpu"):
     model, qc = build_skeleton(config)
     for name in qc["modules"]:
         try:
-            linear = _module(model, name)
+            module = _module(model, name)
         except AttributeError as e:
             raise LogartError(f"the checkpoint lists a quantized module {name!r} that this architecture lacks.",
                               "the config and weights do not belong together; re-export the checkpoint.") from e
         tables = tensors.get(f"{name}.tables")
         n_tables = tables.shape[0] if tables is not None and tables.dim() == 2 else 1
-        _set_module(model, name, LogLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                                           n_tables, bias=linear.bias is not None))
+        _set_module(model, name, packed_shell(module, name, qc, n_tables))
     expected = _unique_state(model)
     check_tensor_names(expected, tensors)
     sums = json.loads(meta.get("logart.sha256", "{}"))

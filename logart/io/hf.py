@@ -11,7 +11,8 @@ imported). Importing this module registers `LogartConfig` (`register_quantizatio
 `LogartHfQuantizer` (`register_quantizer("logart")`).
 
 The quantizer swaps every packed module named in `quantization_config["modules"]` for an empty `LogLinear`
-shell before the weights load (its table count read from the safetensors header), then checks the result
+(or `LogEmbedding`) shell with that module's own bits and group size (`module_specs`) before the weights load
+(its table count read from the safetensors header), then checks the result
 as strictly as `load_quantized` does: every tensor present, none extra, same shape and dtype, checksum equal
 to the one recorded at save time. transformers would only log a missing key and fill it at random (and with a
 quantizer present it does not even flag a wrong shape); here that is an error.
@@ -32,7 +33,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from logart.io.checkpoint import FORMAT_VERSION, _sha256, _unique_state, check_tensor_names
+from logart.io.checkpoint import FORMAT_VERSION, _sha256, _unique_state, check_tensor_names, module_spec, packed_shell
 from logart.io.linear import LogLinear
 from logart.quant import LogartError
 
@@ -124,24 +125,20 @@ class LogartHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = [str(f) for f in (checkpoint_files or [])]
         shapes, _ = _header(self.checkpoint_files)
-        qc = self.quantization_config
-        for name in qc.modules:
+        qc = self.quantization_config.to_dict()
+        for name in qc["modules"]:
             try:
-                linear = model.get_submodule(name)
+                module = model.get_submodule(name)
             except AttributeError as e:
                 raise LogartError(f"the checkpoint lists a quantized module {name!r} that this "
                                   f"{type(model).__name__} lacks.",
                                   "load it with the model class it was saved from (AutoModelForCausalLM).") from e
-            if isinstance(linear, LogLinear):
+            if isinstance(module, LogLinear):
                 continue
-            if not isinstance(linear, torch.nn.Linear):
-                raise LogartError(f"{name} is a {type(linear).__name__}, not a Linear layer.",
-                                  "the config and the architecture do not belong together; re-export the checkpoint.")
-            table_shape = shapes.get(f"{name}.tables", ((1, 2 ** qc.bits), None))[0]
+            table_shape = shapes.get(f"{name}.tables", ((1, 2 ** module_spec(qc, name)["bits"]), None))[0]
             n_tables = table_shape[0] if len(table_shape) == 2 else 1
             with torch.device("meta"):
-                shell = LogLinear(linear.in_features, linear.out_features, qc.bits, qc.group_size, n_tables,
-                                  bias=linear.bias is not None)
+                shell = packed_shell(module, name, qc, n_tables)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, shell)
         # With a quantizer present transformers assigns a tensor of the wrong shape without a word: keep the

@@ -82,7 +82,7 @@ def enable(model) -> int:
         return 0
     n = 0
     for m in model.modules():
-        if isinstance(m, LogLinear):
+        if isinstance(m, LogLinear) and m.accepts_kernel:
             m.kernel = lut_forward
             n += 1
     return n

@@ -61,9 +61,12 @@ class LogLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.kernel = None  # set by logart.io.kernel when the compiled CPU kernel is available
 
+    accepts_kernel = True  # the compiled kernel computes x @ Wᵀ; LogEmbedding's lookup has no use for it
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, codebook, params) -> "LogLinear":
-        """Pack a linear layer whose weight already lies on `codebook` with `params` (the quantizer's output)."""
+    def from_linear(cls, linear: nn.Module, codebook, params) -> "LogLinear":
+        """Pack a layer whose weight already lies on `codebook` with `params` (the quantizer's output). `linear`
+        is an `nn.Linear`, or for `LogEmbedding` an `nn.Embedding` (its rows are the tokens)."""
         bits = codebook.bits
         if codebook.table_size() > 2 ** bits:
             raise LogartError(f"a {codebook.spec.mode}-mode codebook uses {codebook.table_size()} table entries per "
@@ -77,25 +80,36 @@ class LogLinear(nn.Module):
             raise LogartError("the layer's weights are not on its codebook, so packing would change them.",
                               "pack the model returned by logart.quantize without editing its weights.")
         tables, index = torch.unique(rel, dim=0, return_inverse=True)
-        m = cls(linear.in_features, linear.out_features, bits, codebook.spec.group_size, tables.shape[0],
-                bias=linear.bias is not None)
+        m = cls.empty_like(linear, bits, codebook.spec.group_size, tables.shape[0])
         m.qweight.copy_(pack(codes, bits))
         m.row_scale.copy_(row_scale)
         m.table_index.copy_(index.to(torch.int32))
         m.tables.copy_(tables)
-        if linear.bias is not None:
+        if m.bias is not None:
             m.bias.data.copy_(linear.bias.detach().float())
         return m
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, bits: int, group_size: int, n_tables: int) -> "LogLinear":
+        """A zero-filled packed layer of `linear`'s shape: the shell a checkpoint's tensors are loaded into."""
+        return cls(linear.in_features, linear.out_features, bits, group_size, n_tables, bias=linear.bias is not None)
 
     def codes(self) -> torch.Tensor:
         rows, length = row_geometry(self.out_features, self.in_features, self.group_size)
         return unpack_rows(self.qweight, self.bits, length)
 
+    def dequantize_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 values of the packed rows `rows` (all rows when None), [len(rows), row length]."""
+        qweight, scale, index = self.qweight, self.row_scale, self.table_index
+        if rows is not None:
+            qweight, scale, index = qweight[rows], scale[rows], index[rows]
+        length = row_geometry(self.out_features, self.in_features, self.group_size)[1]
+        rel = self.tables[index.long()]
+        return scale[:, None] * torch.gather(rel, 1, unpack_rows(qweight, self.bits, length))
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] (the reference path; the kernel never materialises it)."""
-        rel = self.tables[self.table_index.long()]
-        rows = self.row_scale[:, None] * torch.gather(rel, 1, self.codes())
-        return rows.reshape(self.out_features, self.in_features)
+        return self.dequantize_rows().reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:

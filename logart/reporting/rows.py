@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from logart.errors import LogartError
+from logart.io.checkpoint import module_spec
 from logart.io.linear import row_geometry
 from logart.quant import to_rows, unpack
 from logart.quant.rows import PER_CHANNEL, PER_TENSOR
@@ -75,8 +76,8 @@ def _where(row: int, out: int, inp: int, group_size: int):
 def row_view(run: RunFolder, name: str, row: int | None = None, fp_weight: torch.Tensor | None = None) -> RowView:
     """The row `row` of layer `name` (default: `representative_row`), with its fp weights if `fp_weight` (the
     layer's full-precision weight [out, in]) is given."""
-    qc = run.quant_config or {}
-    bits, group_size = int(qc["bits"]), int(qc.get("group_size", PER_CHANNEL))
+    spec = module_spec(run.quant_config or {}, name)   # the layer's own codebook where an override applied
+    bits, group_size = int(spec["bits"]), int(spec.get("group_size", PER_CHANNEL))
     out, inp = run.shape(name)
     packed = run.packed_layer(name)
     choices = run.row_choices(name)

@@ -91,8 +91,8 @@ class RunFolder:
         if rec is not None:
             return int(rec["shape"][0]), int(rec["shape"][1])
         from logart.io.checkpoint import build_skeleton
-        lin = build_skeleton(self.config)[0].get_submodule(name)
-        return lin.out_features, lin.in_features
+        out, inp = build_skeleton(self.config)[0].get_submodule(name).weight.shape  # Linear and Embedding alike
+        return int(out), int(inp)
 
     def tensor_info(self) -> dict[str, tuple[int, int]]:
         """{name: (elements, bytes)} of every tensor in model.safetensors, from its header (nothing loaded)."""
