@@ -20,10 +20,8 @@ def test_unknown_method_and_mode():
         QuantSpec(mode="loose")
 
 
-def test_group_size_must_divide_the_row():
-    cb = make_codebook(QuantSpec("log_dynamic", 4, group_size=128))
-    with pytest.raises(LogartError, match=r"group size 128 does not divide the row length 200"):
-        cb.fake_quant(torch.randn(4, 200))
+def test_group_size_must_be_valid():
+    # a group size that does not divide the row is fine (a shorter last group: tests/test_partial_groups.py)
     with pytest.raises(LogartError, match="group size -3 is not valid"):
         QuantSpec(group_size=-3)
 

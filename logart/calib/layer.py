@@ -7,12 +7,29 @@ import time
 import torch
 
 from logart.models.roles import is_qkv
+from logart.quant.rows import padded_width
 from logart.rounding import LLRConfig, gptq, hessian_loss, learned_rounding, rtn
 from logart.search import HessianScore, WeightSSE, default_k_values, default_s_values, search
 
 
 def _k_hist(result) -> dict:
     return {int(k): int(n) for k, n in result.k_hist.items()} if result.k_hist else {}
+
+
+def _whole_groups(W: torch.Tensor, H, group_size: int):
+    """Zero-pad the columns of W (and H) up to whole groups when the group size does not divide the input size
+    (SmolLM2's 576 inputs in groups of 128). The padding columns are decoupled in H (identity block), stay at
+    zero through every rounding, and are dropped again when the weight is written back (quant/rows.py pads the
+    same way, so the packed layer sees the same groups)."""
+    width = padded_width(W.shape[1], group_size)
+    pad = width - W.shape[1]
+    if not pad:
+        return W, H
+    W = torch.nn.functional.pad(W, (0, pad))
+    if H is not None:
+        H = torch.nn.functional.pad(H, (0, pad, 0, pad))
+        H[-pad:, -pad:] = torch.eye(pad, dtype=H.dtype)
+    return W, H
 
 
 def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str = "", progress: bool = False):
@@ -26,6 +43,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     if hessian is not None:
         H, dead = hessian.finalize(damp=recipe.damp)
         W[:, dead] = 0  # inputs that never fired: their weights cannot matter, and H is only damped there
+    W, H = _whole_groups(W, H, cb.spec.group_size)
     score = HessianScore(H) if (H is not None and recipe.score == "hessian") else WeightSSE()
     found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.dbs), default_s_values(cb, recipe.sfs),
                    strategy=recipe.search)
@@ -46,7 +64,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
         else:
             kept = "gptq"
     W_hat = rounded.weight.reshape(W.shape)
-    layer.weight.data.copy_(W_hat.to(layer.weight.dtype))
+    layer.weight.data.copy_(W_hat[:, :layer.weight.shape[1]].to(layer.weight.dtype))
     if H is not None:
         after = hessian_loss(W_hat - W, H)
         before = found.baseline_loss if recipe.score == "hessian" else float("nan")

@@ -31,7 +31,8 @@ class LogEmbedding(LogLinear):
             return F.embedding(ids, self.dequantize())
         per_token = self.qweight.shape[0] // self.num_embeddings
         rows = (ids.reshape(-1, 1) * per_token + torch.arange(per_token, device=ids.device)).reshape(-1)
-        return self.dequantize_rows(rows).reshape(*ids.shape, self.embedding_dim)
+        values = self.dequantize_rows(rows).reshape(*ids.shape, -1)
+        return values[..., :self.embedding_dim]   # a last shorter group is stored zero-padded
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "

@@ -71,8 +71,11 @@ def lut_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.dequantize(), layer.bias)
     ext = _ext if _ext is not None else load()
     g = layer.in_features if layer.group_size == -1 else layer.group_size
+    width = -(-layer.in_features // g) * g
+    if width != layer.in_features:  # a last shorter group is stored zero-padded: pad the inputs to match
+        x = F.pad(x, (0, width - layer.in_features))
     return ext.lut_linear(x, layer.qweight, layer.row_scale, layer.table_index, layer.tables, layer.bias,
-                          layer.bits, layer.in_features, g, SMALL_BATCH)
+                          layer.bits, width, g, SMALL_BATCH)
 
 
 def enable(model) -> int:

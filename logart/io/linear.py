@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from logart.quant import LogartError, pack, packed_length, unpack
-from logart.quant.rows import PER_CHANNEL, PER_TENSOR
+from logart.quant.rows import PER_CHANNEL, PER_TENSOR, padded_width
 
 
 def row_geometry(out_features: int, in_features: int, group_size: int) -> tuple[int, int]:
@@ -26,7 +26,7 @@ def row_geometry(out_features: int, in_features: int, group_size: int) -> tuple[
         return out_features, in_features
     if group_size == PER_TENSOR:
         return 1, out_features * in_features
-    return out_features * (in_features // group_size), group_size
+    return out_features * (padded_width(in_features, group_size) // group_size), group_size
 
 
 def unpack_rows(qweight: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -109,7 +109,8 @@ class LogLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] (the reference path; the kernel never materialises it)."""
-        return self.dequantize_rows().reshape(self.out_features, self.in_features)
+        w = self.dequantize_rows().reshape(self.out_features, -1)
+        return w[:, :self.in_features] if w.shape[1] != self.in_features else w  # drop a last group's padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:

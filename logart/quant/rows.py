@@ -1,7 +1,7 @@
 """Granularity: every codebook works on a 2-D matrix of independent *rows*.
 
 A row is one output channel (group_size = -1), one contiguous group of `group_size` inputs of one output
-channel (group_size > 0), or the whole tensor (group_size = 0, per-tensor). Conv weights are flattened per
+channel (group_size > 0; a last shorter group is zero-padded), or the whole tensor (group_size = 0, per-tensor). Conv weights are flattened per
 output channel first. Codebooks never see the original shape; `to_rows`/`from_rows` translate.
 """
 
@@ -43,13 +43,25 @@ def to_rows(w: torch.Tensor, group_size: int = PER_CHANNEL) -> torch.Tensor:
     if group_size < 0:
         raise LogartError(f"group size {group_size} is not valid.",
                           "use -1 (per channel), 0 (per tensor) or a positive group size such as 128.")
-    cols = flat.shape[1]
-    if cols % group_size != 0:
-        raise LogartError(f"group size {group_size} does not divide the row length {cols} (weight shape {tuple(w.shape)}).",
-                          f"choose a group size that divides {cols}, or -1 for per-channel.")
+    pad = padded_width(flat.shape[1], group_size) - flat.shape[1]
+    if pad:
+        # A last, shorter group (576 inputs in groups of 128: four of 128, one of 64) is zero-padded. Exact: every
+        # packable codebook holds 0 (uniform ranges always include it, strict log tables reserve it), a zero
+        # never moves a group's max |w| or its min/max range, and from_rows drops the padding again.
+        flat = torch.nn.functional.pad(flat, (0, pad))
     return flat.reshape(-1, group_size)
 
 
+def padded_width(cols: int, group_size: int) -> int:
+    """Row length rounded up to whole groups (unchanged per channel / per tensor)."""
+    return cols if group_size <= 0 else -(-cols // group_size) * group_size
+
+
 def from_rows(rows: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
-    """Inverse of `to_rows`: back to the original weight shape."""
+    """Inverse of `to_rows`: back to the original weight shape (dropping a last group's zero padding)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if rows.numel() != numel:
+        return rows.reshape(shape[0], -1)[:, :numel // shape[0]].reshape(shape)
     return rows.reshape(shape)
