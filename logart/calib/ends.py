@@ -22,6 +22,7 @@ import torch
 
 from logart.calib.hessian import HessianAccumulator
 from logart.calib.layer import quantize_linear
+from logart.models.decoder import run_until
 from logart.models.ends import head_is_tied, input_embedding, output_head, untie_head
 from logart.quant import LogartError
 
@@ -56,29 +57,10 @@ def quantize_embedding(name, module, recipe, codebook):
     return quantize_linear(module, codebook, replace(recipe, rounding="rtn"), None, name=name)
 
 
-class _ReachedHead(Exception):
-    """Raised by the capture hook: nothing after the head's input is needed."""
-
-
-@torch.no_grad()
 def head_hessian(model, head, windows: torch.Tensor) -> HessianAccumulator:
     """H of the head's inputs over the calibration windows (batch 1, as the blocks)."""
     acc = HessianAccumulator(head.in_features)
-    device = head.weight.device
-
-    def collect(_m, args):
-        acc.add_batch(args[0])
-        raise _ReachedHead
-
-    handle = head.register_forward_pre_hook(collect)
-    try:
-        for window in windows:
-            try:
-                model(input_ids=window[None].to(device), use_cache=False)
-            except _ReachedHead:
-                pass
-    finally:
-        handle.remove()
+    run_until(model, head, windows, lambda args: acc.add_batch(args[0]))
     return acc
 
 

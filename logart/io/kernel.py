@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from logart.quant.rows import padded_width
+
 SOURCE = Path(__file__).with_name("lut_kernel.cpp")
 SMALL_BATCH = 8  # up to this many tokens per call use the fused product
 _ext = None
@@ -71,7 +73,7 @@ def lut_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.dequantize(), layer.bias)
     ext = _ext if _ext is not None else load()
     g = layer.in_features if layer.group_size == -1 else layer.group_size
-    width = -(-layer.in_features // g) * g
+    width = padded_width(layer.in_features, g)
     if width != layer.in_features:  # a last shorter group is stored zero-padded: pad the inputs to match
         x = F.pad(x, (0, width - layer.in_features))
     return ext.lut_linear(x, layer.qweight, layer.row_scale, layer.table_index, layer.tables, layer.bias,

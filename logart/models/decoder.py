@@ -84,26 +84,20 @@ def _named_arguments(module: nn.Module, args: tuple, kw: dict) -> dict:
     return named
 
 
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
-    """Run each window (batch 1) into the first block and record its inputs, then stop the forward.
-
-    A forward pre-hook with `with_kwargs=True` sees exactly what the model passes to its first block,
-    whatever the architecture: no per-model "Catcher" class as in the reference code.
-    """
-    first = decoder_layers(model)[0]
+def run_until(model: nn.Module, module: nn.Module, windows: torch.Tensor, on_input, with_kwargs: bool = False) -> None:
+    """Run each window (batch 1) through `model` only as far as `module`: `on_input(args)` (or
+    `on_input(args, kwargs)` with `with_kwargs`) sees what the model passes to it, then the forward stops.
+    Nothing after `module` is computed, whatever the architecture."""
     device = next(model.parameters()).device
-    hidden: list[torch.Tensor] = []
-    kwargs: dict = {}
 
-    def hook(module, args, kw):
-        named = _named_arguments(module, args, kw)
-        x = named.pop(next(iter(named)))  # the first parameter is the hidden states in every HF block
-        hidden.append(x.detach().float().cpu())
-        if not kwargs:
-            kwargs.update({k: _detach(v) for k, v in named.items()})
+    def hook(_module, args, kw=None):
+        if with_kwargs:
+            on_input(args, kw)
+        else:
+            on_input(args)
         raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
     try:
         # no_grad, not inference_mode: inference tensors could not be reused later under autograd
         # (block reconstruction backpropagates through blocks fed with these inputs).
@@ -115,6 +109,26 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs
                     pass
     finally:
         handle.remove()
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
+    """Run each window (batch 1) into the first block and record its inputs, then stop the forward.
+
+    A forward pre-hook with `with_kwargs=True` sees exactly what the model passes to its first block,
+    whatever the architecture: no per-model "Catcher" class as in the reference code.
+    """
+    first = decoder_layers(model)[0]
+    hidden: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def record(args, kw):
+        named = _named_arguments(first, args, kw)
+        x = named.pop(next(iter(named)))  # the first parameter is the hidden states in every HF block
+        hidden.append(x.detach().float().cpu())
+        if not kwargs:
+            kwargs.update({k: _detach(v) for k, v in named.items()})
+
+    run_until(model, first, windows, record, with_kwargs=True)
     if len(hidden) != len(windows):
         raise LogartError("the first decoder block was not called for every window.",
                           "check that the model's forward runs its decoder blocks (no cached outputs).")
