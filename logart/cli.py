@@ -41,6 +41,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--rounding", choices=["rtn", "gptq", "llr", "gptq+llr"], help="override the recipe's rounding")
     p.add_argument("--search", choices=["fast", "exhaustive"], help="override the recipe's (k, s) search")
     p.add_argument("--llr-iters", type=int, help="learned-rounding iterations per layer (recipe default 500)")
+    p.add_argument("--attention-aware", action="store_true", default=None,
+                   help="learned rounding of q/k projections weighs errors by the attention scores they perturb "
+                        "(per-head key/query moments, RoPE-aware; spec §4.4)")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
@@ -80,7 +83,7 @@ def _recipe_from(args):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "llr_iters", "sfs"):
+    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

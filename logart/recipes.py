@@ -96,6 +96,7 @@ class Recipe:
     llr_lr: float = 0.05
     llr_lambda: float = 1.0
     llr_lambda_qkv: float = 1.5
+    attention_aware: bool = False    # LLR of q/k projections weighs errors by their effect on attention scores
     damp: float = 0.01               # H += damp * mean(diag H) * I
     nsamples: int = 32
     seqlen: int = 2048

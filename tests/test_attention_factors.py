@@ -77,3 +77,118 @@ def test_without_rope_the_factors_are_the_other_projections_moments():
     qh = q[0].reshape(10, 4, 8).transpose(0, 1)
     Cq = 2 * torch.einsum("hti,htj->hij", qh, qh) / 10
     assert torch.allclose(Gk[1], (Cq[2] + Cq[3]) / 2, atol=1e-6)
+
+
+# --- wiring: layout discovery, the observer in the Hessian pass, LLR with G ------------------------------------
+
+import pytest  # noqa: E402
+
+from logart import api  # noqa: E402
+from logart.calib.attention import AttentionObserver  # noqa: E402
+from logart.calib.driver import block_hessians  # noqa: E402
+from logart.models import decoder_layers, linear_layers, tiny_causal_lm  # noqa: E402
+from logart.models.decoder import capture_block_inputs  # noqa: E402
+from logart.models.roles import attention_layout  # noqa: E402
+from logart.quant import LogartError, QuantSpec, make_codebook  # noqa: E402
+from logart.rounding import LLRConfig, QuadraticLoss, learned_rounding, rtn  # noqa: E402
+from logart.search import HessianScore, default_k_values, default_s_values, search  # noqa: E402
+
+
+def _windows(n, length=48, seed=0):
+    return torch.randint(0, 250, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "opt"])
+def test_layout_matches_the_config(arch):
+    model = tiny_causal_lm(arch)
+    cfg = model.config
+    layout = attention_layout(decoder_layers(model)[0])
+    assert layout.query.endswith("q_proj") and layout.key.endswith("k_proj")
+    assert layout.heads == cfg.num_attention_heads
+    assert layout.kv_heads == (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    assert layout.heads * layout.head_dim == decoder_layers(model)[0].get_submodule(layout.query).out_features
+
+
+def test_gpt2_fused_attention_has_no_layout():
+    assert attention_layout(decoder_layers(tiny_causal_lm("gpt2"))[0]) is None
+
+
+def _block_statistics(arch):
+    model = tiny_causal_lm(arch)
+    block = decoder_layers(model)[0]
+    captured = capture_block_inputs(model, _windows(4))
+    layout = attention_layout(block)
+    observer = AttentionObserver(block, layout, captured.kwargs)
+    hessians = block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs, observer.hooks())
+    return block, layout, hessians, observer.factors()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_observer_factors_are_the_moments_of_the_other_projection(arch):
+    """Brute force on the block's own q/k outputs: G_q is the mean over positions of R_tᵀ C_K R_t (no rotation
+    for OPT), per head, with each query head seeing its group's key head."""
+    model = tiny_causal_lm(arch)
+    block = decoder_layers(model)[0]
+    captured = capture_block_inputs(model, _windows(3))
+    layout = attention_layout(block)
+    observer = AttentionObserver(block, layout, captured.kwargs)
+    block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs, observer.hooks())
+    Gq = observer.factors()[layout.query]
+    # the keys from a second, independent pass over the same windows
+    seen = []
+    h = block.get_submodule(layout.key).register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    with torch.no_grad():
+        for x in captured.hidden:
+            block(x[None], **captured.kwargs)
+    h.remove()
+    k = torch.cat(seen).reshape(-1, layout.kv_heads, layout.head_dim)          # [N, kv_heads, d]
+    T = captured.hidden.shape[1]
+    pe = captured.kwargs.get("position_embeddings")
+    if pe is not None:
+        cos, sin = (t.reshape(-1, layout.head_dim).repeat(len(captured.hidden), 1) for t in pe)
+        R = torch.stack([rotate(torch.eye(layout.head_dim), c, s).T for c, s in zip(cos, sin)])  # [N, d, d]
+        k_rot = torch.einsum("nij,nhj->nhi", R, k)
+        # mean_t R_tᵀ C R_t with C the mean of rotated outer products: average over (t, t') pairs
+        C = 2 * torch.einsum("nhi,nhj->hij", k_rot, k_rot) / k.shape[0]
+        expect = torch.einsum("nji,hjk,nkl->hil", R[:T], C, R[:T]) / T
+    else:
+        expect = 2 * torch.einsum("nhi,nhj->hij", k, k) / k.shape[0]
+    expect = expect.repeat_interleave(layout.heads // layout.kv_heads, dim=0)
+    torch.testing.assert_close(Gq, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_llr_with_factors_lowers_the_attention_loss():
+    """On a real q_proj with its real H and G: LLR that sees G ends lower on the G-weighted loss than LLR
+    that does not (it optimises that loss), and both end below round-to-nearest."""
+    block, layout, hessians, factors = _block_statistics("llama")
+    W = block.get_submodule(layout.query).weight.detach().float().clone()
+    H, _ = hessians[layout.query].finalize()
+    G = factors[layout.query]
+    cb = make_codebook(QuantSpec(method="log_dynamic", bits=3))
+    params = search(cb, cb.rows(W), HessianScore(H), default_k_values(cb, True), default_s_values(cb, True)).params
+    attention = QuadraticLoss(H, *W.shape, W.device, G)
+    cfg = LLRConfig(iters=300)
+    plain = attention.value(learned_rounding(W, H, cb, params, config=cfg).weight - W)
+    aware = attention.value(learned_rounding(W, H, cb, params, G=G, config=cfg).weight - W)
+    nearest = attention.value(rtn(W, cb, params).weight - W)
+    assert aware < plain
+    assert aware < nearest
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_attention_aware_recipe_end_to_end(arch):
+    model = tiny_causal_lm(arch)
+    result = api.quantize(model, "logart", _windows(4), bits=3, attention_aware=True, llr_iters=20,
+                          progress=False, log=None)
+    flagged = {r.name.rsplit(".", 1)[-1] for r in result.layers if r.extra.get("attention_aware")}
+    assert flagged == {"q_proj", "k_proj"}
+    for name, (cb, p) in result.params.items():
+        w = result.model.get_submodule(name).weight.detach().float()
+        assert torch.equal(cb.fake_quant(w, p), w), name
+
+
+def test_partial_rotary_is_refused_clearly():
+    from logart.calib.attention import block_rope
+    cos = torch.ones(1, 8, 4)
+    with pytest.raises(LogartError, match="partial rotary"):
+        block_rope({"position_embeddings": (cos, cos)}, head_dim=8)

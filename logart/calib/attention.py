@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from logart.errors import LogartError
+from logart.models.roles import AttentionLayout
+
 
 def rotate_half_matrix(d: int, dtype=torch.float32) -> torch.Tensor:
     """P with P @ v == rotate_half(v) = cat(-v[d/2:], v[:d/2]) (the Hugging Face convention)."""
@@ -77,3 +80,41 @@ class QKMoments:
         if self.cos is not None:
             Gq, Gk = unrotate_mean(Gq, self.cos, self.sin), unrotate_mean(Gk, self.cos, self.sin)
         return Gq, Gk
+
+
+def block_rope(kwargs: dict, head_dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (cos, sin) [T, head_dim] the block applies to its queries and keys, from the `position_embeddings` it
+    is called with; (None, None) for models without rotary embeddings (OPT). Partial rotary embeddings (Phi)
+    rotate only part of each head, which these factors do not model: a clear error instead of a wrong G."""
+    pe = kwargs.get("position_embeddings")
+    if pe is None:
+        return None, None
+    cos, sin = pe
+    if cos.shape[-1] != head_dim:
+        raise LogartError(f"the attention rotates {cos.shape[-1]} of {head_dim} dimensions per head (partial rotary "
+                          "embeddings); attention-aware rounding does not model that.",
+                          "run without --attention-aware for this model.")
+    return cos.reshape(-1, head_dim), sin.reshape(-1, head_dim)
+
+
+class AttentionObserver:
+    """Hooks on a block's q/k projections that gather QKMoments during the Hessian pass; `factors()` then gives
+    {full layer name: G} for the two projections."""
+
+    def __init__(self, block, layout: AttentionLayout, kwargs: dict, prefix: str = ""):
+        self.layout, self.prefix = layout, prefix
+        cos, sin = block_rope(kwargs, layout.head_dim)
+        self.moments = QKMoments(layout.heads, layout.kv_heads, layout.head_dim, cos, sin)
+        self.modules = {"q": block.get_submodule(layout.query), "k": block.get_submodule(layout.key)}
+
+    def hooks(self) -> list:
+        """[(module, forward hook)] to register for the pass over the calibration windows."""
+        def observe(which):
+            def hook(_m, _args, out):
+                self.moments.add(which, out)
+            return hook
+        return [(self.modules[w], observe(w)) for w in ("q", "k")]
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        Gq, Gk = self.moments.factors()
+        return {f"{self.prefix}{self.layout.query}": Gq, f"{self.prefix}{self.layout.key}": Gk}

@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from logart.calib.attention import AttentionObserver
 from logart.calib.ends import opted_in_ends, quantize_embedding, quantize_head
 from logart.calib.hessian import HessianAccumulator
 from logart.calib.layer import quantize_linear
 from logart.models.decoder import block_output, capture_block_inputs, decoder_layers, linear_layers
+from logart.models.roles import attention_layout
 from logart.quant import make_codebook
 from logart.recipes import Recipe
 
@@ -60,9 +62,10 @@ def propagate(block, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> dict:
+def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, observers: tuple = ()) -> dict:
     """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so one
-    probe forward groups the layers by input and only the first of each group is hooked."""
+    probe forward groups the layers by input and only the first of each group is hooked. `observers`:
+    (module, forward hook) pairs that see the same pass (the attention-aware q/k moments)."""
     seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
 
     def probe(name):
@@ -90,6 +93,7 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> 
         return hook
 
     handles = [linears[n].register_forward_pre_hook(collect(n)) for n in accs]
+    handles += [m.register_forward_hook(fn) for m, fn in observers]
     try:
         for i in range(inputs.shape[0]):
             block(inputs[i:i + 1], **kwargs)
@@ -97,6 +101,18 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict) -> 
         for h in handles:
             h.remove()
     return {name: accs[members[0]] for members in groups.values() for name in members}
+
+
+def _attention_observer(block, chosen: dict, kwargs: dict, prefix: str):
+    """An AttentionObserver when the block's q or k projection is learned-rounded with the attention-aware
+    objective (spec §4.4), else None."""
+    layout = attention_layout(block)
+    if layout is None:
+        return None
+    wanted = [chosen[n][2] for n in (layout.query, layout.key) if n in chosen]
+    if not any(eff.attention_aware and eff.rounding.endswith("llr") for eff in wanted):
+        return None
+    return AttentionObserver(block, layout, kwargs, prefix)
 
 
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
@@ -152,12 +168,15 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
                 chosen[name] = (f"{prefix}.{b}.{name}", layer, eff)
         t0 = time.perf_counter()
         calibrated = {n: layer for n, (_, layer, eff) in chosen.items() if eff.needs_calibration}
-        hessians = block_hessians(block, calibrated, inputs, kwargs) if inputs is not None and calibrated else {}
+        observer = _attention_observer(block, chosen, kwargs, f"{prefix}.{b}.") if inputs is not None else None
+        hessians = block_hessians(block, calibrated, inputs, kwargs, observer.hooks() if observer else ()) \
+            if inputs is not None and calibrated else {}
+        factors = observer.factors() if observer else {}
         block_records, block_params = [], {}
         for name, (full, layer, eff) in chosen.items():
             bar.set_postfix_str(name)
             cb = codebook_of(eff.codebook)
-            rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, progress=progress)
+            rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, G=factors.get(full))
             block_records.append(rec)
             block_params[full] = (cb, p)
             if log:
@@ -177,7 +196,7 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
     if head is not None:  # last: its inputs are the quantized model's final hidden states
         name, module, eff = head
         torch.manual_seed(recipe.seed)  # the same state whether or not this run resumed
-        rec, p = quantize_head(model, name, module, eff, codebook_of(eff.codebook), calib, progress=progress)
+        rec, p = quantize_head(model, name, module, eff, codebook_of(eff.codebook), calib)
         records.append(rec)
         params[name] = (codebook_of(eff.codebook), p)
         if log:

@@ -64,10 +64,10 @@ def head_hessian(model, head, windows: torch.Tensor) -> HessianAccumulator:
     return acc
 
 
-def quantize_head(model, name, module, recipe, codebook, calib, progress=False):
+def quantize_head(model, name, module, recipe, codebook, calib):
     hessian = None
     if recipe.needs_calibration:
         if calib is None:
             raise ValueError("this recipe needs calibration windows for the output head")
         hessian = head_hessian(model, module, calib)
-    return quantize_linear(module, codebook, recipe, hessian, name=name, progress=progress)
+    return quantize_linear(module, codebook, recipe, hessian, name=name)

@@ -8,7 +8,7 @@ import torch
 
 from logart.models.roles import is_qkv
 from logart.quant.rows import padded_width
-from logart.rounding import LLRConfig, gptq, hessian_loss, learned_rounding, rtn
+from logart.rounding import LLRConfig, QuadraticLoss, gptq, hessian_loss, learned_rounding, rtn
 from logart.search import HessianScore, WeightSSE, default_k_values, default_s_values, search
 
 
@@ -32,9 +32,10 @@ def _whole_groups(W: torch.Tensor, H, group_size: int):
     return W, H
 
 
-def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str = "", progress: bool = False):
-    """Quantize `layer` in place. `hessian`: its HessianAccumulator (None for data-free recipes).
-    Returns (LayerRecord, codebook params)."""
+def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str = "", G=None):
+    """Quantize `layer` in place. `hessian`: its HessianAccumulator (None for data-free recipes). `G`: per-head
+    attention factors [heads, head_dim, head_dim] for a q/k projection; with `recipe.attention_aware` LLR
+    minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ) (spec §4.4). Returns (LayerRecord, params)."""
     from logart.calib.driver import LayerRecord  # the record type lives with the driver that prints it
 
     t0 = time.perf_counter()
@@ -56,10 +57,12 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     if recipe.rounding.endswith("llr"):
         lam = recipe.llr_lambda_qkv if is_qkv(name) else recipe.llr_lambda
         config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
-        learned = learned_rounding(W, H, cb, params, source=rounded.source, config=config)
+        G = G if recipe.attention_aware else None
+        learned = learned_rounding(W, H, cb, params, source=rounded.source, G=G, config=config)
         # LLR chooses between the two neighbours of its source; after GPTQ it can end above GPTQ's own error
-        # (measured on SmolLM2 layers), so the better of the two hard roundings is kept.
-        if recipe.rounding == "llr" or hessian_loss(learned.weight - W, H) <= hessian_loss(rounded.weight - W, H):
+        # (measured on SmolLM2 layers), so the better of the two hard roundings (by LLR's own objective) is kept.
+        objective = QuadraticLoss(H, *W.shape, W.device, G)
+        if recipe.rounding == "llr" or objective.value(learned.weight - W) <= objective.value(rounded.weight - W):
             rounded, kept = learned, "llr"
         else:
             kept = "gptq"
@@ -76,5 +79,6 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
                          s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
                          extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,
+                                "attention_aware": G is not None and recipe.attention_aware,
                                 **{k: v for k, v in rounded.info.items() if isinstance(v, (int, float, str))}})
     return record, params

@@ -1,8 +1,12 @@
-"""What a linear layer does inside a block, from its name alone (architecture knowledge lives in models/)."""
+"""What a linear layer does inside a block: its role from its name, and the head layout of the attention
+(architecture knowledge lives in models/)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+from torch import nn
 
 # The projections that produce attention queries, keys and values (separate or fused), across HF families.
 _QKV = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query|key|value|query_key_value|c_attn|Wqkv)$")
@@ -11,3 +15,29 @@ _QKV = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query|key|value|query_k
 def is_qkv(name: str) -> bool:
     """True for q/k/v projections: LLR weights their rounding regulariser differently (spec §3.3)."""
     return bool(_QKV.search(name))
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a block's query and key projections are and how their outputs split into heads."""
+
+    query: str       # block-relative name of the query projection (e.g. "self_attn.q_proj")
+    key: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def attention_layout(block: nn.Module) -> AttentionLayout | None:
+    """The separate q/k projections of a block's attention and its head geometry, or None where there are none
+    (fused qkv projections). The head size is the attention module's `head_dim`; the head counts follow from the
+    projections' output sizes, so grouped-query attention needs no config lookup."""
+    for path, module in block.named_modules():
+        q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+            d = getattr(module, "head_dim", None)
+            if not isinstance(d, int) or q.out_features % d or k.out_features % d:
+                return None
+            prefix = f"{path}." if path else ""
+            return AttentionLayout(f"{prefix}q_proj", f"{prefix}k_proj", q.out_features // d, k.out_features // d, d)
+    return None
