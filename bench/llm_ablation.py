@@ -78,6 +78,28 @@ def table() -> list[dict]:
     return out
 
 
+def trend(rows: list[dict]) -> dict:
+    """The paper's ablation trend: for every ablation row lacking one of D, S, A, L, adding it should lower
+    perplexity. 32 pairs when all 16 rows are measured; pairs with a missing row are listed as unmeasured."""
+    ppl = {r["row"]: r["ppl"] for r in rows}
+    pairs, better, worse, missing = 0, [], [], []
+    flags = "DSAL"
+    for tag in ablation_rows():
+        have = set("" if tag == "base" else tag)
+        for f in flags:
+            if f in have:
+                continue
+            more = "".join(x for x in flags if x in have | {f})
+            pairs += 1
+            if tag not in ppl or more not in ppl:
+                missing.append(f"{tag} + {f}")
+            elif ppl[more] < ppl[tag]:
+                better.append(f"{tag} + {f}: {ppl[tag]:.2f} -> {ppl[more]:.2f}")
+            else:
+                worse.append(f"{tag} + {f}: {ppl[tag]:.2f} -> {ppl[more]:.2f}")
+    return {"pairs": pairs, "lower": len(better), "not_lower": worse, "unmeasured": missing, "lowered": better}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="*", default=[])
@@ -98,10 +120,15 @@ def main():
     if args.table or args.rows:
         rows = table()
         JSON.parent.mkdir(parents=True, exist_ok=True)
-        JSON.write_text(json.dumps({"protocol": "shared/PROTOCOL.md", "rows": rows}, indent=2))
+        t = trend(rows)
+        JSON.write_text(json.dumps({"protocol": "shared/PROTOCOL.md", "rows": rows, "trend": t}, indent=2))
         print("| row | ppl | quant s | peak RSS GB |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['row']} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
+        print(f"\nablation trend: adding a component lowers perplexity in {t['lower']} of {t['pairs']} pairs "
+              f"({len(t['unmeasured'])} not measured yet)")
+        for line in t["not_lower"]:
+            print(f"  not lower: {line}")
 
 
 if __name__ == "__main__":
