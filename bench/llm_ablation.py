@@ -43,6 +43,7 @@ def baseline_rows() -> dict:
         if (bits, g) != (3, -1):
             rows[f"logart-{tag}"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g)]
     rows["logart-fast-w4_pc"] = ["--recipe", "logart-fast", "--bits", "4"]
+    rows["logart-w3_pc-attention"] = ["--recipe", "logart", "--bits", "3", "--attention-aware"]  # DSAL + spec §4.4
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
     rows["logart-fast-w3_pc-reference"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference",
                                            "--search", "exhaustive"]
