@@ -186,3 +186,13 @@ def test_report_arguments():
     args = _report_args("runs/x", "--layers", "q_proj", "--layers", r"layers\.3\.", "--row", 2, "--model", "m")
     assert (args.dir, args.layers, args.row, args.model, args.out) == ("runs/x", ["q_proj", r"layers\.3\."], 2, "m", None)
     assert _report_args("runs/x").layers == []
+
+
+def test_k_plot_leaves_out_layers_on_another_codebook(tiny):
+    """With layer 0 at 4 bits in a 3-bit run, k of layer 0 counts 8 levels, not 4: it stays out of the k plot,
+    and the summary says so."""
+    _, quantize = tiny
+    out = quantize("mixed", "--recipe", "logart-fast", "--bits", 3, "--override", r"layers\.0\.:bits=4")
+    report = make_report(out, log=None)
+    assert _is_png(out / "report" / "k_distribution.png")
+    assert "leaves out 7 layers" in report.summary.read_text()

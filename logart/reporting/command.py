@@ -44,6 +44,18 @@ def _fp_weights(model: str, names: list[str]) -> dict:
     return out
 
 
+def _overridden(recipe: dict, name: str) -> bool:
+    """Whether the first override rule matching `name` may change its codebook (bits, group size, method, or
+    a preset that brings its own method)."""
+    from logart.recipes import Override
+
+    for rule in recipe.get("overrides") or ():
+        rule = Override(**rule) if isinstance(rule, dict) else rule
+        if re.search(rule.pattern, name):
+            return any(v is not None for v in (rule.bits, rule.group_size, rule.method, rule.recipe))
+    return False
+
+
 def _file_name(layer: str) -> str:
     return "codebook_" + re.sub(r"[^A-Za-z0-9_.-]", "_", layer) + ".png"
 
@@ -71,7 +83,12 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
     if run.layers:
         errors = plots.plot_errors(run.layers, out / "errors.png", label, run.is_log)
         report.figures["per-layer error before / after"] = errors
-    k_png = plots.plot_k(run.layers, bits, method, row_unit, out / "k_distribution.png") if run.is_log else None
+    # k means "base-2 levels of L = 2^(bits-1)": only layers on the run's own codebook share one axis
+    own = [r for r in run.layers if not _overridden(run.report.get("recipe") or {}, r["name"])]
+    if len(own) < len(run.layers):
+        notes.append(f"the k distribution leaves out {len(run.layers) - len(own)} layers whose codebook an "
+                     "--override changed (their k counts another number of levels).")
+    k_png = plots.plot_k(own, bits, method, row_unit, out / "k_distribution.png") if run.is_log else None
     report.figures["chosen k across rows"] = k_png
     s_by_layer = {}
     if run.is_log:
