@@ -47,6 +47,7 @@ def baseline_rows() -> dict:
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
     rows["logart-fast-w3_pc-reference"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference",
                                            "--search", "exhaustive"]
+    rows["logart-fast-w3_pc-reference-fast"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference"]
     return rows
 
 
