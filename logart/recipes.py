@@ -128,6 +128,10 @@ class Recipe:
                 self._apply(rule)
             except LogartError as e:
                 raise LogartError(f"override {rule.pattern!r}: {e.problem}", e.fix) from None
+        if self.attention_aware and not any(r.rounding.endswith("llr")
+                                            for r in (self, *map(self._apply, self.overrides))):
+            raise LogartError(f"attention-aware rounding weighs learned rounding, but recipe {self.name!r} rounds "
+                              f"with {self.rounding!r}.", "use --recipe logart (or --rounding gptq+llr / llr).")
 
     def _apply(self, rule: Override) -> "Recipe":
         """This recipe with `rule` applied (calibration settings and the run-wide options stay this recipe's)."""
@@ -143,6 +147,8 @@ class Recipe:
                            # the 1 + 1/2 approximation only exists for log codebooks
                            hardware_approx=base.codebook.hardware_approx and method != "uniform")
         return replace(base, codebook=codebook, ignore=(), overrides=(), quantize_lm_head=False,
+                       # a rule's own preset inherits the run's attention-aware switch where it learns rounding
+                       attention_aware=self.attention_aware and base.rounding.endswith("llr"),
                        quantize_embeddings=False)
 
     def for_module(self, name: str) -> "Recipe | None":

@@ -192,3 +192,25 @@ def test_partial_rotary_is_refused_clearly():
     cos = torch.ones(1, 8, 4)
     with pytest.raises(LogartError, match="partial rotary"):
         block_rope({"position_embeddings": (cos, cos)}, head_dim=8)
+
+
+def test_per_head_qk_norms_are_refused_clearly():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=128, head_dim=16, eos_token_id=1,
+                                  bos_token_id=0, pad_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert attention_layout(decoder_layers(model)[0]).qk_norm
+    with pytest.raises(LogartError, match="q_norm"):
+        api.quantize(model, "logart", _windows(2), bits=3, attention_aware=True, llr_iters=5, progress=False, log=None)
+
+
+def test_attention_aware_needs_learned_rounding():
+    from logart.recipes import make_recipe
+
+    with pytest.raises(LogartError, match="attention-aware"):
+        make_recipe("logart-fast", bits=3, attention_aware=True)
+    # enough that one rule learns rounding: it inherits the switch (a rule's preset starts from its defaults)
+    r = make_recipe("logart-fast", bits=3, attention_aware=True, overrides=["self_attn:recipe=logart"])
+    assert r.for_module("model.layers.0.self_attn.q_proj").attention_aware

@@ -102,6 +102,10 @@ class AttentionObserver:
     {full layer name: G} for the two projections."""
 
     def __init__(self, block, layout: AttentionLayout, kwargs: dict, prefix: str = ""):
+        if layout.qk_norm:
+            raise LogartError("this model normalises queries and keys per head after their projections (q_norm / "
+                              "k_norm, as Qwen3 and OLMo2 do); attention-aware rounding does not model that.",
+                              "run without --attention-aware for this model.")
         self.layout, self.prefix = layout, prefix
         cos, sin = block_rope(kwargs, layout.head_dim)
         self.moments = QKMoments(layout.heads, layout.kv_heads, layout.head_dim, cos, sin)

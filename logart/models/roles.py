@@ -26,6 +26,7 @@ class AttentionLayout:
     heads: int
     kv_heads: int
     head_dim: int
+    qk_norm: bool = False   # per-head norms between the projections and the scores (Qwen3, OLMo2, Gemma3)
 
 
 def attention_layout(block: nn.Module) -> AttentionLayout | None:
@@ -39,5 +40,7 @@ def attention_layout(block: nn.Module) -> AttentionLayout | None:
             if not isinstance(d, int) or q.out_features % d or k.out_features % d:
                 return None
             prefix = f"{path}." if path else ""
-            return AttentionLayout(f"{prefix}q_proj", f"{prefix}k_proj", q.out_features // d, k.out_features // d, d)
+            norms = any(hasattr(module, n) for n in ("q_norm", "k_norm"))
+            return AttentionLayout(f"{prefix}q_proj", f"{prefix}k_proj", q.out_features // d, k.out_features // d, d,
+                                   norms)
     return None
