@@ -105,6 +105,17 @@ def test_cli_quantize_eval_generate(local_model, tmp_path, capsys):
     assert _cli("generate", out, "the quick", "--max-new-tokens", 4) == 0
 
 
+def test_cli_attention_aware(local_model, tmp_path):
+    folder, text = local_model
+    out = tmp_path / "aa"
+    assert _cli("quantize", "--model", folder, "--bits", 3, "--recipe", "logart", "--attention-aware", "--llr-iters", 5,
+                "--nsamples", 2, "--seqlen", 64, "--calib", text, "--no-eval", "--quiet", "--output", out) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["attention_aware"] is True
+    flagged = [r["name"] for r in report["layers"] if r["extra"].get("attention_aware")]
+    assert len(flagged) == 4 and all(n.endswith(("q_proj", "k_proj")) for n in flagged)
+
+
 def test_cli_bad_input(local_model, tmp_path, capsys):
     folder, text = local_model
     out = tmp_path / "q"
@@ -114,6 +125,7 @@ def test_cli_bad_input(local_model, tmp_path, capsys):
         (["--model", folder, "--bits", 5], "5-bit weights are not supported"),
         (["--model", folder, "--calib", tmp_path / "nope.txt"], "nope.txt"),
         (["--model", folder, "--seqlen", 100000, "--calib", text], "tokens"),
+        (["--model", folder, "--recipe", "logart-fast", "--attention-aware"], "attention-aware"),
     ]
     for args, message in cases:
         code = _cli("quantize", *args, "--output", out, "--no-eval", "--quiet", "--nsamples", 2)
