@@ -173,14 +173,21 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
             if inputs is not None and calibrated else {}
         factors = observer.factors() if observer else {}
         block_records, block_params = [], {}
+        # A layer's time grows with its weight count, so the inner bar counts weights: its ETA holds across the
+        # small attention projections and the large MLP ones.
+        layer_bar = tqdm(total=sum(layer.weight.numel() for _, layer, _ in chosen.values()), desc=f"block {b}",
+                         unit="w", unit_scale=True, leave=False, disable=not progress)
         for name, (full, layer, eff) in chosen.items():
             bar.set_postfix_str(name)
+            layer_bar.set_postfix_str(name)
             cb = codebook_of(eff.codebook)
             rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, G=factors.get(full))
             block_records.append(rec)
             block_params[full] = (cb, p)
+            layer_bar.update(layer.weight.numel())
             if log:
                 log(rec.line())
+        layer_bar.close()
         del hessians
         if inputs is not None:
             inputs = propagate(block, inputs, kwargs)
