@@ -97,6 +97,7 @@ class Recipe:
     llr_lambda: float = 1.0
     llr_lambda_qkv: float = 1.5
     attention_aware: bool = False    # LLR of q/k projections weighs errors by their effect on attention scores
+    abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
     damp: float = 0.01               # H += damp * mean(diag H) * I
     nsamples: int = 32
     seqlen: int = 2048

@@ -138,3 +138,18 @@ def test_cli_bad_input(local_model, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert _cli("quantize", "--model", folder, "--output", out, "--no-eval", "--quiet") == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_abs_per_row_never_raises_the_first_blocks_rtn_loss():
+    """On the first block (identical inputs and H in both runs) the per-row ABS choice scores every layer at or
+    below the asymmetric table alone, with round-to-nearest; the weights stay on their codebooks."""
+    losses = {}
+    for per_row in (False, True):
+        model = tiny_causal_lm("llama")
+        r = api.quantize(model, "logart-fast", _windows(4), bits=3, abs_per_row=per_row, progress=False, log=None)
+        _on_codebook(r)
+        losses[per_row] = [rec.loss_after for rec in r.layers if ".layers.0." in rec.name]
+        if per_row:
+            assert any(rec.extra["symmetric_rows"] for rec in r.layers)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses[False], losses[True]))
+    assert sum(losses[True]) < sum(losses[False])

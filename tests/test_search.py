@@ -273,3 +273,28 @@ def test_fast_in_row_chunks_and_without_s_one(monkeypatch):
     s = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])    # no s = 1: the baseline is scored on its own
     res = search(cb, rows, HessianScore(H), s_values=s)
     torch.testing.assert_close(res.baseline_score, whole.baseline_score, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["log_dynamic", "log2"])
+def test_per_row_best_of_asymmetric_and_symmetric_tables(method):
+    """The merged choice scores each row at the lower of the two searches, and its parameters, read by the
+    asymmetric codebook, reproduce exactly the symmetric search's weights on the rows that took it."""
+    from dataclasses import replace
+
+    from logart.search.per_row import per_row_best
+
+    W, H = layer(48, 64, seed=3)
+    W[::3] = W[::3].abs()                        # rows with one sign much smaller: ABS shifts their window
+    asym = make_codebook(QuantSpec(method=method, bits=3))
+    sym = make_codebook(replace(asym.spec, symmetric=True))
+    score = HessianScore(H)
+    ks = default_k_values(asym, True)
+    a = search(asym, asym.rows(W), score, ks, default_s_values(asym, True))
+    b = search(sym, sym.rows(W), score, ks, default_s_values(sym, True))
+    merged, pick = per_row_best([a, b])
+    torch.testing.assert_close(merged.score, torch.minimum(a.score, b.score))
+    assert 0 < int(pick.sum()) < W.shape[0]     # both tables win somewhere on this layer
+    w_mixed = asym.fake_quant(W, merged.params)
+    w_sym, w_asym = sym.fake_quant(W, b.params), asym.fake_quant(W, a.params)
+    assert torch.equal(w_mixed[pick == 1], w_sym[pick == 1]) and torch.equal(w_mixed[pick == 0], w_asym[pick == 0])
+    assert sum(merged.k_hist.values()) == W.shape[0]
