@@ -124,13 +124,13 @@ class Recipe:
                       for r in self.overrides)
         object.__setattr__(self, "overrides", rules)
         make_codebook(self.codebook)  # bits the method cannot represent fail here, before the model loads
+        applied = []
         for rule in self.overrides:  # every rule must yield a valid recipe now, not after hours of quantization
             try:
-                self._apply(rule)
+                applied.append(self._apply(rule))
             except LogartError as e:
                 raise LogartError(f"override {rule.pattern!r}: {e.problem}", e.fix) from None
-        if self.attention_aware and not any(r.rounding.endswith("llr")
-                                            for r in (self, *map(self._apply, self.overrides))):
+        if self.attention_aware and not any(r.rounding.endswith("llr") for r in (self, *applied)):
             raise LogartError(f"attention-aware rounding weighs learned rounding, but recipe {self.name!r} rounds "
                               f"with {self.rounding!r}.", "use --recipe logart (or --rounding gptq+llr / llr).")
 

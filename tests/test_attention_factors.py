@@ -1,10 +1,19 @@
 """Attention-aware factors: the closed-form position average equals the brute-force one, the rotation is the
 Hugging Face one, and grouped-query heads are mapped as in the original."""
 
+import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from logart.calib.attention import QKMoments, rotate, unrotate_mean
+from logart import api
+from logart.calib.attention import AttentionObserver, QKMoments, rotate, unrotate_mean
+from logart.calib.driver import block_hessians
+from logart.models import decoder_layers, linear_layers, tiny_causal_lm
+from logart.models.decoder import capture_block_inputs
+from logart.models.roles import attention_layout
+from logart.quant import LogartError, QuantSpec, make_codebook
+from logart.rounding import LLRConfig, QuadraticLoss, learned_rounding, rtn
+from logart.search import HessianScore, default_k_values, default_s_values, search
 
 
 def _cos_sin(T, d, base=10000.0, scale=1.0):
@@ -81,18 +90,6 @@ def test_without_rope_the_factors_are_the_other_projections_moments():
 
 # --- wiring: layout discovery, the observer in the Hessian pass, LLR with G ------------------------------------
 
-import pytest  # noqa: E402
-
-from logart import api  # noqa: E402
-from logart.calib.attention import AttentionObserver  # noqa: E402
-from logart.calib.driver import block_hessians  # noqa: E402
-from logart.models import decoder_layers, linear_layers, tiny_causal_lm  # noqa: E402
-from logart.models.decoder import capture_block_inputs  # noqa: E402
-from logart.models.roles import attention_layout  # noqa: E402
-from logart.quant import LogartError, QuantSpec, make_codebook  # noqa: E402
-from logart.rounding import LLRConfig, QuadraticLoss, learned_rounding, rtn  # noqa: E402
-from logart.search import HessianScore, default_k_values, default_s_values, search  # noqa: E402
-
 
 def _windows(n, length=48, seed=0):
     return torch.randint(0, 250, (n, length), generator=torch.Generator().manual_seed(seed))
@@ -113,27 +110,23 @@ def test_gpt2_fused_attention_has_no_layout():
     assert attention_layout(decoder_layers(tiny_causal_lm("gpt2"))[0]) is None
 
 
-def _block_statistics(arch):
+def _block_statistics(arch, windows=4):
+    """The first block of a tiny `arch` model, its layout, captured inputs, Hessians and attention factors."""
     model = tiny_causal_lm(arch)
     block = decoder_layers(model)[0]
-    captured = capture_block_inputs(model, _windows(4))
+    captured = capture_block_inputs(model, _windows(windows))
     layout = attention_layout(block)
     observer = AttentionObserver(block, layout, captured.kwargs)
     hessians = block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs, observer.hooks())
-    return block, layout, hessians, observer.factors()
+    return block, layout, captured, hessians, observer.factors()
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_observer_factors_are_the_moments_of_the_other_projection(arch):
     """Brute force on the block's own q/k outputs: G_q is the mean over positions of R_tᵀ C_K R_t (no rotation
     for OPT), per head, with each query head seeing its group's key head."""
-    model = tiny_causal_lm(arch)
-    block = decoder_layers(model)[0]
-    captured = capture_block_inputs(model, _windows(3))
-    layout = attention_layout(block)
-    observer = AttentionObserver(block, layout, captured.kwargs)
-    block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs, observer.hooks())
-    Gq = observer.factors()[layout.query]
+    block, layout, captured, _, factors = _block_statistics(arch, windows=3)
+    Gq = factors[layout.query]
     # the keys from a second, independent pass over the same windows
     seen = []
     h = block.get_submodule(layout.key).register_forward_hook(lambda m, a, o: seen.append(o.detach()))
@@ -160,7 +153,7 @@ def test_observer_factors_are_the_moments_of_the_other_projection(arch):
 def test_llr_with_factors_lowers_the_attention_loss():
     """On a real q_proj with its real H and G: LLR that sees G ends lower on the G-weighted loss than LLR
     that does not (it optimises that loss), and both end below round-to-nearest."""
-    block, layout, hessians, factors = _block_statistics("llama")
+    block, layout, _, hessians, factors = _block_statistics("llama")
     W = block.get_submodule(layout.query).weight.detach().float().clone()
     H, _ = hessians[layout.query].finalize()
     G = factors[layout.query]

@@ -8,9 +8,9 @@ from dataclasses import replace
 import torch
 
 from logart.models.roles import is_qkv
+from logart.quant import make_codebook
 from logart.quant.rows import padded_width
 from logart.rounding import LLRConfig, QuadraticLoss, gptq, hessian_loss, learned_rounding, rtn
-from logart.quant import make_codebook
 from logart.search import HessianScore, WeightSSE, default_k_values, default_s_values, search
 from logart.search.per_row import per_row_best
 
@@ -57,6 +57,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     from logart.calib.driver import LayerRecord  # the record type lives with the driver that prints it
 
     t0 = time.perf_counter()
+    G = G if recipe.attention_aware and recipe.rounding.endswith("llr") else None
     W = layer.weight.detach().float().clone()
     H, dead = None, None
     if hessian is not None:
@@ -76,12 +77,11 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     if recipe.rounding.endswith("llr"):
         lam = recipe.llr_lambda_qkv if is_qkv(name) else recipe.llr_lambda
         config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
-        G = G if recipe.attention_aware else None
         learned = learned_rounding(W, H, cb, params, source=rounded.source, G=G, config=config)
         # LLR chooses between the two neighbours of its source; after GPTQ it can end above GPTQ's own error
         # (measured on SmolLM2 layers), so the better of the two hard roundings (by LLR's own objective) is kept.
-        objective = QuadraticLoss(H, *W.shape, W.device, G)
-        if recipe.rounding == "llr" or objective.value(learned.weight - W) <= objective.value(rounded.weight - W):
+        objective = QuadraticLoss(H, *W.shape, W.device, G) if recipe.rounding != "llr" else None
+        if objective is None or objective.value(learned.weight - W) <= objective.value(rounded.weight - W):
             rounded, kept = learned, "llr"
         else:
             kept = "gptq"
@@ -98,7 +98,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
                          s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
                          extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,
-                                "attention_aware": G is not None and recipe.attention_aware,
+                                "attention_aware": G is not None,
                                 "symmetric_rows": symmetric_rows,
                                 **{k: v for k, v in rounded.info.items() if isinstance(v, (int, float, str))}})
     return record, params

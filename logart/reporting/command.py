@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from logart.errors import LogartError
-from logart.reporting.run import load_run, needs_calibration
+from logart.reporting.run import load_run, needs_calibration, recorded_recipe
 
 # (axis label, what it means): loss_before / loss_after in report.json are one or the other.
 ERROR_H = ("output error tr(ΔW·H·ΔWᵀ)",
@@ -44,16 +44,12 @@ def _fp_weights(model: str, names: list[str]) -> dict:
     return out
 
 
-def _overridden(recipe: dict, name: str) -> bool:
-    """Whether the first override rule matching `name` may change its codebook (bits, group size, method, or
-    a preset that brings its own method)."""
-    from logart.recipes import Override
-
-    for rule in recipe.get("overrides") or ():
-        rule = Override(**rule) if isinstance(rule, dict) else rule
-        if re.search(rule.pattern, name):
-            return any(v is not None for v in (rule.bits, rule.group_size, rule.method, rule.recipe))
-    return False
+def _on_run_codebook(recipe: dict, names: list[str]) -> list[str]:
+    """The names whose effective codebook (after the recorded --override rules) is the run's own one."""
+    r = recorded_recipe(recipe)
+    if r is None:
+        return list(names)
+    return [n for n in names if (r.for_module(n) or r).codebook == r.codebook]
 
 
 def _file_name(layer: str) -> str:
@@ -84,7 +80,8 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
         errors = plots.plot_errors(run.layers, out / "errors.png", label, run.is_log)
         report.figures["per-layer error before / after"] = errors
     # k means "base-2 levels of L = 2^(bits-1)": only layers on the run's own codebook share one axis
-    own = [r for r in run.layers if not _overridden(run.report.get("recipe") or {}, r["name"])]
+    keep = set(_on_run_codebook(run.report.get("recipe") or {}, [r["name"] for r in run.layers]))
+    own = [r for r in run.layers if r["name"] in keep]
     if len(own) < len(run.layers):
         notes.append(f"the k distribution leaves out {len(run.layers) - len(own)} layers whose codebook an "
                      "--override changed (their k counts another number of levels).")

@@ -27,15 +27,20 @@ def layer_kind(name: str) -> str:
     return leaf[:-5] if leaf.endswith("_proj") and len(leaf) > 5 else leaf
 
 
-def needs_calibration(recipe: dict) -> bool:
-    """Whether the recorded recipe calibrated (then loss_before/after are H-weighted, else weight errors)."""
+def recorded_recipe(recipe: dict):
+    """The `Recipe` recorded in report.json, or None where it cannot be rebuilt (a report of an older version)."""
     from logart.quant import QuantSpec
     from logart.recipes import Recipe
     try:
-        r = Recipe(**{**recipe, "codebook": QuantSpec(**recipe["codebook"]), "ignore": tuple(recipe.get("ignore", ()))})
+        return Recipe(**{**recipe, "codebook": QuantSpec(**recipe["codebook"]), "ignore": tuple(recipe.get("ignore", ()))})
     except (TypeError, KeyError, ValueError):
-        return True
-    return r.needs_calibration
+        return None
+
+
+def needs_calibration(recipe: dict) -> bool:
+    """Whether the recorded recipe calibrated (then loss_before/after are H-weighted, else weight errors)."""
+    r = recorded_recipe(recipe)
+    return True if r is None else r.needs_calibration
 
 
 def block_of(name: str) -> int | None:
