@@ -254,8 +254,10 @@ def level_values(e: torch.Tensor, hardware_approx: bool) -> torch.Tensor:
 
 
 def _strict_bounds(levels: torch.Tensor) -> torch.Tensor:
-    """Geometric midpoints between same-sign neighbours; the linear midpoint next to zero."""
+    """Geometric midpoints between same-sign neighbours; the linear midpoint next to zero. The midpoint is
+    sqrt|lo| * sqrt|hi|, not sqrt(lo * hi): for rows of tiny weights (|w| ~ 1e-22) the product falls into the
+    float32 denormals and loses its precision, and a level could then round to its neighbour."""
     lo, hi = levels[:, :-1], levels[:, 1:]
-    prod = lo * hi
-    geo = torch.sign(hi) * torch.sqrt(prod.clamp(min=0))
-    return torch.where(prod > 0, geo, 0.5 * (lo + hi))
+    same_sign = torch.sign(lo) * torch.sign(hi) > 0
+    geo = torch.sign(hi) * torch.sqrt(lo.abs()) * torch.sqrt(hi.abs())
+    return torch.where(same_sign, geo, 0.5 * (lo + hi))
