@@ -171,3 +171,12 @@ def test_tables_factor_exactly(data):
     levels, _ = cb.tables(p)
     row_scale, rel = cb.factored_tables(p)
     assert torch.equal(row_scale[:, None] * rel, levels)
+
+
+def test_idempotent_on_rows_of_tiny_weights():
+    """The case hypothesis found: levels ~1e-23, whose product underflows float32 (the bounds must not use it)."""
+    w = torch.tensor([[1.5410e-22, -2.9343e-23, -2.1788e-22, 5.6843e-23]])
+    cb = make_codebook(QuantSpec(method="log_sqrt2", bits=4, hardware_approx=True, group_size=-1))
+    p = cb.fit(w, k=0, s=1.0)
+    q = cb.fake_quant(w, p)
+    assert torch.equal(cb.fake_quant(q, p), q)
