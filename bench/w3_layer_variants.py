@@ -4,6 +4,7 @@ after round-to-nearest and after GPTQ (act-order), before spending a full-protoc
     python bench/w3_layer_variants.py abs log2          # asymmetric vs symmetric vs per-row choice (S vs SA)
     python bench/w3_layer_variants.py abs log_dynamic   # the same for DBS
     python bench/w3_layer_variants.py scale log_dynamic # SFS grid s <= 1 vs s up to 1.41
+    python bench/w3_layer_variants.py dbs log_dynamic   # DBS at s = 1, symmetric (the L + D pair) vs pure log2
 
 H from 4 calibration windows (news, seed 0) of the full-precision model; blocks 0/5/15/25/29 (inputs propagated
 through the full-precision blocks). Prints one line per layer and writes the totals to
@@ -38,6 +39,11 @@ def candidates(variant: str, method: str, W, H):
     score = HessianScore(H)
     ks = default_k_values(asym, dbs)
     base = search(asym, asym.rows(W), score, ks, default_s_values(asym, True))
+    if variant == "dbs":  # the ablation's L + D pair: s = 1, symmetric, k per row by the search score or k = L
+        sym = make_codebook(QuantSpec(method="log_dynamic", bits=3, symmetric=True))
+        one, rows = torch.tensor([1.0]), sym.rows(W)
+        return {"log2": (sym, search(sym, rows, score, [sym.L], one).params),
+                "dbs": (sym, search(sym, rows, score, default_k_values(sym, True), one).params)}
     if variant == "abs":
         sym = make_codebook(replace(asym.spec, symmetric=True))
         other = search(sym, sym.rows(W), score, ks, default_s_values(sym, True))
