@@ -47,6 +47,10 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--abs-per-row", action="store_true", default=None,
                    help="strict mode: every row keeps the asymmetric (ABS) or the symmetric table, whichever the "
                         "search scores lower (one more search per layer)")
+    p.add_argument("--fp-target", type=float, nargs="?", const=0.25, default=None, metavar="ALPHA",
+                   help="every layer moves a fraction ALPHA (default 0.25) toward the full-precision model's output "
+                        "on the full-precision inputs, so it also corrects the error of the blocks before it "
+                        "(statistics gathered group by group; about 2x the calibration time)")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
@@ -86,7 +90,7 @@ def _recipe_from(args):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row"):
+    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

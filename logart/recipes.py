@@ -98,6 +98,7 @@ class Recipe:
     llr_lambda_qkv: float = 1.5
     attention_aware: bool = False    # LLR of q/k projections weighs errors by their effect on attention scores
     abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
+    fp_target: float = 0.0           # α > 0: layers move toward the full-precision model's outputs (calib/hessian.py)
     damp: float = 0.01               # H += damp * mean(diag H) * I
     nsamples: int = 32
     seqlen: int = 2048
@@ -114,6 +115,9 @@ class Recipe:
             raise LogartError(f"unknown search {self.search!r}.", f"use one of {', '.join(SEARCHES)}.")
         if self.score not in ("hessian", "weight"):
             raise LogartError(f"unknown search score {self.score!r}.", "use 'hessian' or 'weight'.")
+        if not 0.0 <= self.fp_target <= 1.0:
+            raise LogartError(f"the full-precision target strength must lie in [0, 1], got {self.fp_target}.",
+                              "use e.g. --fp-target 0.25 (0 turns it off).")
         if self.nsamples < 1 or self.seqlen < 2:
             raise LogartError(f"calibration needs at least one window of two tokens (got {self.nsamples} x {self.seqlen}).",
                               "use e.g. --nsamples 32 --seqlen 2048.")
@@ -184,7 +188,7 @@ def _log(bits, group_size, mode, **kw):
 
 
 # Settings shared by the whole run, which an override's preset does not replace.
-_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp")
+_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp", "fp_target")
 
 PRESETS = {
     # The paper's full recipe: DBS + SFS + ABS + LLR, with the original's optional GPTQ initialisation

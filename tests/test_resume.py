@@ -38,15 +38,16 @@ def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("recipe", ["logart", "log2-rtn"])
-def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, recipe):
-    reference = _run(tmp_path / "ref", recipe, monkeypatch)
+@pytest.mark.parametrize("recipe,options", [("logart", {}), ("log2-rtn", {}), ("logart-fast", {"fp_target": True})])
+def test_resume_after_kills_matches_an_uninterrupted_run(tmp_path, monkeypatch, recipe, options):
+    """With full-precision targets the resumed run also needs the full-precision stream it saved."""
+    reference = _run(tmp_path / "ref", recipe, monkeypatch, **options)
     work = tmp_path / "work"
     # killed mid-block 0, then right after block 0, then mid-block 1: each rerun resumes where it stood
     for kill in [dict(kill_at_layer=3), dict(kill_after_block=0), dict(kill_at_layer=4)]:
         with pytest.raises(Interrupt):
-            _run(work, recipe, monkeypatch, **kill)
-    final = _run(work, recipe, monkeypatch)
+            _run(work, recipe, monkeypatch, **kill, **options)
+    final = _run(work, recipe, monkeypatch, **options)
     assert final.keys() == reference.keys()
     for k in reference:
         assert torch.equal(final[k], reference[k]), k

@@ -8,10 +8,16 @@
 Memory is bounded by the model, one block's working set and the cached activations
 (nsamples x seqlen x hidden floats). Statistics of a block are gathered before any of its layers is
 quantized (the original's aespa-style order, spec §4.3).
+
+With full-precision targets (`Recipe.fp_target`, calib/hessian.py) the driver also carries the full-precision
+model's stream through a copy of each block, and gathers a block's statistics input group by input group
+(q/k/v, o, gate/up, down), each after the groups before it are quantized, so that every layer corrects the
+drift of the inputs it will actually see, once.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,10 +68,9 @@ def propagate(block, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, observers: tuple = ()) -> dict:
-    """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so one
-    probe forward groups the layers by input and only the first of each group is hooked. `observers`:
-    (module, forward hook) pairs that see the same pass (the attention-aware q/k moments)."""
+def input_groups(block, linears: dict, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The layers of `linears` grouped by the input tensor they read (q/k/v share one, gate/up another), groups
+    in the order the block's forward reaches them. One probe forward on `sample` (one window)."""
     seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
 
     def probe(name):
@@ -75,32 +80,60 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, obs
 
     handles = [m.register_forward_pre_hook(probe(n)) for n, m in linears.items()]
     try:
-        block(inputs[:1], **kwargs)
+        block(sample, **kwargs)
     finally:
         for h in handles:
             h.remove()
     groups: dict[tuple, list[str]] = {}
-    for name in linears:
+    for name in [*seen, *(n for n in linears if n not in seen)]:  # call order; never-called layers last
         x = seen.get(name)
         key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (name,)
         groups.setdefault(key, []).append(name)
-    seen.clear()
-    accs = {members[0]: HessianAccumulator(linears[members[0]].in_features) for members in groups.values()}
+    return list(groups.values())
+
+
+@torch.no_grad()
+def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, observers: tuple = (),
+                   fp_inputs: torch.Tensor | None = None, fp_block=None) -> dict:
+    """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so only
+    the first layer of each group is hooked. `observers`: (module, forward hook) pairs that see the same pass
+    (the attention-aware q/k moments). Returns {layer name: accumulator}.
+
+    With `fp_inputs` and `fp_block` (the full-precision model's inputs of this block for the same tokens, and the
+    block's full-precision copy) the accumulators also gather the drift statistics of the full-precision target
+    (calib/hessian.py): each window goes through `fp_block` first, so the two inputs of every linear pair up
+    token by token."""
+    groups = input_groups(block, linears, inputs[:1], kwargs)
+    accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
+    fp_linears = linear_layers(fp_block) if fp_block is not None else {}
+    fp_seen = {}
 
     def collect(name):
         def hook(_m, args):
-            accs[name].add_batch(args[0])
+            accs[name].add_batch(args[0], fp_seen.pop(name, None))
         return hook
 
-    handles = [linears[n].register_forward_pre_hook(collect(n)) for n in accs]
-    handles += [m.register_forward_hook(fn) for m, fn in observers]
-    try:
-        for i in range(inputs.shape[0]):
+    def keep(name):
+        def hook(_m, args):
+            fp_seen[name] = args[0]
+        return hook
+
+    for i in range(inputs.shape[0]):
+        if fp_inputs is not None:
+            handles = [fp_linears[n].register_forward_pre_hook(keep(n)) for n in accs]
+            try:
+                fp_block(fp_inputs[i:i + 1], **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+        handles = [linears[n].register_forward_pre_hook(collect(n)) for n in accs]
+        handles += [m.register_forward_hook(fn) for m, fn in observers]
+        try:
             block(inputs[i:i + 1], **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: accs[members[0]] for members in groups.values() for name in members}
+        finally:
+            for h in handles:
+                h.remove()
+    return {name: accs[g[0]] for g in groups for name in g}
 
 
 def _attention_observer(block, chosen: dict, kwargs: dict, prefix: str):
@@ -150,12 +183,14 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
                                    "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
         if log:
             log(f"resuming after block {start - 1}: {len(restored_params)} layers restored from {state.folder}")
-    inputs, kwargs = (None, None)
+    inputs, kwargs, fp_inputs = None, None, None
     if recipe.needs_calibration and start < len(blocks):
         if calib is None:
             raise ValueError("this recipe needs calibration windows")
         captured = capture_block_inputs(model, calib)   # also the kwargs (masks, positions) every block takes
-        inputs, kwargs = (restored if start else captured.hidden), captured.kwargs
+        inputs, kwargs = (restored["hidden"] if start else captured.hidden), captured.kwargs
+        if recipe.fp_target:  # the full-precision model's own stream, the target of every layer (calib/hessian.py)
+            fp_inputs = restored["fp_hidden"] if start else captured.hidden.clone()
     bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block")
     for b in bar:
         block = blocks[b]
@@ -169,33 +204,53 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
         t0 = time.perf_counter()
         calibrated = {n: layer for n, (_, layer, eff) in chosen.items() if eff.needs_calibration}
         observer = _attention_observer(block, chosen, kwargs, f"{prefix}.{b}.") if inputs is not None else None
-        hessians = block_hessians(block, calibrated, inputs, kwargs, observer.hooks() if observer else ()) \
-            if inputs is not None and calibrated else {}
-        factors = observer.factors() if observer else {}
-        block_records, block_params = [], {}
         # A layer's time grows with its weight count, so the inner bar counts weights: its ETA holds across the
         # small attention projections and the large MLP ones.
         layer_bar = tqdm(total=sum(layer.weight.numel() for _, layer, _ in chosen.values()), desc=f"block {b}",
                          unit="w", unit_scale=True, leave=False, disable=not progress)
-        for name, (full, layer, eff) in chosen.items():
-            bar.set_postfix_str(name)
-            layer_bar.set_postfix_str(name)
-            cb = codebook_of(eff.codebook)
-            rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, G=factors.get(full))
-            block_records.append(rec)
-            block_params[full] = (cb, p)
-            layer_bar.update(layer.weight.numel())
-            if log:
-                log(rec.line())
+        block_records, block_params = [], {}
+
+        def quantize_group(names, hessians, factors):
+            for name in names:
+                full, layer, eff = chosen[name]
+                bar.set_postfix_str(name)
+                layer_bar.set_postfix_str(name)
+                cb = codebook_of(eff.codebook)
+                rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, G=factors.get(full))
+                block_records.append(rec)
+                block_params[full] = (cb, p)
+                layer_bar.update(layer.weight.numel())
+                if log:
+                    log(rec.line())
+
+        fp_block = copy.deepcopy(block) if fp_inputs is not None else None  # the block's full-precision copy
+        if inputs is None or not calibrated:
+            quantize_group(list(chosen), {}, {})
+        elif fp_inputs is None:
+            # All statistics from one pass of the unquantized block (the original's order, spec §4.3).
+            hessians = block_hessians(block, calibrated, inputs, kwargs, observer.hooks() if observer else ())
+            quantize_group(list(chosen), hessians, observer.factors() if observer else {})
+            del hessians
+        else:
+            # Full-precision targets: each layer corrects the drift of its actual inputs, so a group's statistics
+            # are gathered after the groups before it in the block are quantized (otherwise o_proj and down_proj
+            # would correct again what q/k/v and gate/up already corrected), against the block's fp copy.
+            for g, group in enumerate(input_groups(block, {n: chosen[n][1] for n in chosen}, inputs[:1], kwargs)):
+                wanted = {n: calibrated[n] for n in group if n in calibrated}
+                hooks = observer.hooks() if (observer and g == 0) else ()
+                hessians = block_hessians(block, wanted, inputs, kwargs, hooks, fp_inputs, fp_block) if wanted else {}
+                quantize_group(group, hessians, observer.factors() if (observer and g == 0) else {})
         layer_bar.close()
-        del hessians
         if inputs is not None:
             inputs = propagate(block, inputs, kwargs)
+        if fp_block is not None:
+            fp_inputs = propagate(fp_block, fp_inputs, kwargs)
+            del fp_block
         records += block_records
         params.update(block_params)
         if state is not None:
             state.commit_block(b, {n: model.get_submodule(n).weight for n in block_params}, block_params,
-                               [r.to_dict() for r in block_records], inputs)
+                               [r.to_dict() for r in block_records], inputs, fp_inputs)
         if streamer is not None:
             streamer.done(f"{prefix}.{b}", block_params)
         if on_block_done is not None:

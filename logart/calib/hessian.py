@@ -8,6 +8,20 @@
 
 H is kept as a running average in float32 (as GPTQ does): every batch rescales the sum so far, so its entries
 stay the size of one token's x xᵀ however many tokens arrive. Spec: logart-reference.md §4.4-4.5.
+
+Full-precision targets (`Recipe.fp_target`): block by block, the quantized model's inputs x drift away from the
+full-precision model's inputs x° for the same token. GPTQ's objective Σ ||(Q - W) x||² asks a layer to reproduce
+the full-precision *layer* on the drifted inputs; Σ ||Q x - W x°||² asks it to reproduce the full-precision
+*model*, so each layer also undoes some of the error of the blocks before it (the asymmetric calibration of
+GPTAQ, Li et al. 2025). With D = (2/N) Σ (x° - x) xᵀ the second objective is
+
+    Σ ||Q x - W x°||² = tr((Q - W°) H (Q - W°)ᵀ) + const,   W° = W + W D H⁻¹,
+
+the same quadratic form around a moved target, so search, GPTQ and learned rounding run unchanged on W°.
+The full least-squares move overshoots: |W° - W| reaches |W| in the late SmolLM2 blocks, the quantization
+error of such a target outweighs what it corrects, and W3 perplexity got much worse (893 vs 54.8; still 64.1
+with per-group statistics). Moving a fraction α of the way, W° = W + α W D H⁻¹, is what works: α = 0.25 gave
+40.7 in the same screen (docs/RESULTS.md), so it is the default strength.
 """
 
 from __future__ import annotations
@@ -33,14 +47,22 @@ class HessianAccumulator:
     def __init__(self, columns: int, device=None):
         self.columns = int(columns)
         self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=device)
+        self.D = None   # (2/N) Σ (x° - x) xᵀ, once full-precision inputs x° are given
         self.count = 0  # tokens seen, N
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add the rows of x [..., C] (one row per token / position)."""
+    def add_batch(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add the rows of x [..., C] (one row per token / position). `x_fp`: the full-precision model's inputs
+        for the same tokens (same shape), for the full-precision target (module doc); give them always or never."""
         if x.shape[-1] != self.columns:
             raise LogartError(f"the Hessian expects inputs with {self.columns} features, got shape {tuple(x.shape)}.",
                               "feed the layer's own input (its last dimension must be in_features).")
+        if x_fp is not None and x_fp.shape != x.shape:
+            raise LogartError(f"full-precision inputs {tuple(x_fp.shape)} do not match the inputs {tuple(x.shape)}.",
+                              "pass the full-precision model's inputs for the same tokens.")
+        if (x_fp is None) != (self.D is None) and self.count:
+            raise LogartError("full-precision inputs were given for some batches only.",
+                              "give x_fp with every batch, or with none.")
         x = x.detach().reshape(-1, self.columns).to(self.H.device, torch.float32)
         m = x.shape[0]
         if m == 0:
@@ -49,6 +71,12 @@ class HessianAccumulator:
         # H_new = (N/total) H_old + (2/total) xᵀx: the old average is rescaled before the new rows are added.
         self.H.mul_(self.count / total)
         self.H.addmm_(x.T, x, alpha=2.0 / total)
+        if x_fp is not None:
+            drift = x_fp.detach().reshape(-1, self.columns).to(self.H.device, torch.float32) - x
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            self.D.mul_(self.count / total)
+            self.D.addmm_(drift.T, x, alpha=2.0 / total)
         self.count = total
 
     @torch.no_grad()
@@ -70,3 +98,13 @@ class HessianAccumulator:
         diag[dead] = dead_value
         diag += damp * diag.mean()
         return FinalHessian(H, dead)
+
+    @torch.no_grad()
+    def target(self, W: torch.Tensor, H: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The weight the quantized layer should approach: W itself, or with full-precision inputs seen the moved
+        target W° = W + α W D H⁻¹ with α = `strength` (module doc; 1 is the least-squares optimum). H: the
+        damped Hessian from `finalize()` (positive definite)."""
+        if self.D is None:
+            return W
+        shift = torch.cholesky_solve((W.double() @ self.D.double()).T, torch.linalg.cholesky(H.double()))
+        return W + strength * shift.T.to(W.dtype)

@@ -63,6 +63,8 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
     if hessian is not None:
         H, dead = hessian.finalize(damp=recipe.damp)
         W[:, dead] = 0  # inputs that never fired: their weights cannot matter, and H is only damped there
+        if recipe.fp_target:  # move toward the full-precision model's output (calib/hessian.py)
+            W = hessian.target(W, H, recipe.fp_target)
     W, H = _whole_groups(W, H, cb.spec.group_size)
     score = HessianScore(H) if (H is not None and recipe.score == "hessian") else WeightSSE()
     found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.dbs), default_s_values(cb, recipe.sfs),

@@ -63,9 +63,10 @@ class RunState:
     def _inputs_path(self, block: int) -> Path:
         return self.folder / f"inputs-{block:04d}.safetensors"
 
-    def restore(self, model, prefix: str, codebook_of, streamer=None) -> tuple[dict, torch.Tensor | None]:
+    def restore(self, model, prefix: str, codebook_of, streamer=None) -> tuple[dict, dict | None]:
         """Write the finished blocks' weights back into `model`; return their params and the saved inputs of
-        the first unfinished block (None for data-free runs). `codebook_of(module name)`: that module's
+        the first unfinished block ({"hidden": quantized model's, "fp_hidden": full-precision model's, with
+        full-precision targets}; None for data-free runs). `codebook_of(module name)`: that module's
         codebook (re-resolved from the recipe, which the fingerprint pins down). `streamer`: see
         `quantize_model`."""
         params = {}
@@ -84,16 +85,18 @@ class RunState:
             if streamer is not None:
                 streamer.done(f"{prefix}.{b}", block_params)
         path = self._inputs_path(self.done)
-        inputs = load_file(str(path))["hidden"] if self.done and path.is_file() else None
+        inputs = load_file(str(path)) if self.done and path.is_file() else None
         return params, inputs
 
-    def commit_block(self, block: int, weights: dict, params: dict, records: list[dict], inputs) -> None:
+    def commit_block(self, block: int, weights: dict, params: dict, records: list[dict], inputs,
+                     fp_inputs=None) -> None:
         tensors = {f"{n}.weight": w.detach().cpu() for n, w in weights.items()}
         for n, (_, p) in params.items():
             tensors.update({f"{n}.param.{f.name}": getattr(p, f.name).detach().cpu() for f in dataclasses.fields(p)})
         _atomic_save(tensors, self.folder / f"block-{block:04d}.safetensors")
         if inputs is not None:
-            _atomic_save({"hidden": inputs}, self._inputs_path(block + 1))
+            saved = {"hidden": inputs} if fp_inputs is None else {"hidden": inputs, "fp_hidden": fp_inputs}
+            _atomic_save(saved, self._inputs_path(block + 1))
         self.done, self.records = block + 1, self.records + records
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
