@@ -43,6 +43,9 @@ def baseline_rows() -> dict:
         if (bits, g) != (3, -1):
             rows[f"logart-{tag}"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g)]
     rows["logart-fast-w4_pc"] = ["--recipe", "logart-fast", "--bits", "4"]
+    for g, tag in ((-1, "w3_pc"), (128, "w3_g128")):  # the full recipe plus full-precision targets (alpha 0.25)
+        rows[f"logart-{tag}-fp-target"] = ["--recipe", "logart", "--bits", "3", "--group-size", str(g),
+                                            "--fp-target", "0.25"]
     rows["logart-w3_pc-attention"] = ["--recipe", "logart", "--bits", "3", "--attention-aware"]  # DSAL + spec §4.4
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
     rows["logart-fast-w3_pc-reference"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference",
