@@ -150,3 +150,12 @@ def test_a_data_free_block_still_carries_the_full_precision_stream():
                      overrides=(r"layers\.0\.:recipe=log2-rtn",))
     assert len(streams) == 4  # block 1's four input groups; block 0 gathers nothing
     torch.testing.assert_close(streams[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_aware_rounding_still_gets_its_factors_with_fp_targets():
+    """The q/k moments are gathered in the first group's pass, so q/k keep the attention-aware objective."""
+    model = tiny_causal_lm("llama")
+    result = api.quantize(model, "logart", _calib(), bits=3, progress=False, log=None, llr_iters=20,
+                          fp_target=0.25, attention_aware=True)
+    aware = sorted(rec.name.rsplit(".", 1)[-1] for rec in result.layers if rec.extra["attention_aware"])
+    assert aware == ["k_proj", "k_proj", "q_proj", "q_proj"]
