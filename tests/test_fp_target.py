@@ -94,6 +94,37 @@ def test_block_statistics_pair_the_two_streams():
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_statistics_of_an_early_group_skip_the_rest_of_the_block_and_match_a_full_forward(arch):
+    """Once every hooked layer has its input, the forward stops: the MLP never runs for q/k/v statistics, and the
+    accumulators equal those gathered from inputs recorded in complete forwards."""
+    model = tiny_causal_lm(arch)
+    captured = capture_block_inputs(model, _calib())
+    block = decoder_layers(model)[1]
+    fp_block = copy.deepcopy(block)
+    linears = linear_layers(block)
+    first = input_groups(block, linears, captured.hidden[:1], captured.kwargs)[0]
+    drifted = captured.hidden + 0.05 * torch.randn_like(captured.hidden)
+    last = list(linears)[-1]   # the block's last linear (down_proj / fc2)
+    calls = []
+    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (linears[last], fp_block.get_submodule(last))]
+    accs = block_hessians(block, {n: linears[n] for n in first}, drifted, captured.kwargs,
+                          fp_inputs=captured.hidden, fp_block=fp_block, groups=[first])
+    for h in handles:
+        h.remove()
+    assert calls == []
+    seen = {"q": [], "fp": []}
+    for key, mod, xs in (("q", block, drifted), ("fp", fp_block, captured.hidden)):
+        h = mod.get_submodule(first[0]).register_forward_pre_hook(lambda _m, a, key=key: seen[key].append(a[0]))
+        for i in range(xs.shape[0]):
+            mod(xs[i:i + 1], **captured.kwargs)
+        h.remove()
+    ref = HessianAccumulator(linears[first[0]].in_features)
+    for x, x_fp in zip(seen["q"], seen["fp"]):
+        ref.add_batch(x, x_fp)
+    assert torch.equal(accs[first[0]].H, ref.H) and torch.equal(accs[first[0]].D, ref.D)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_first_inputs_are_unchanged_and_later_layers_move(arch):
     """Block 0's q/k/v see identical streams (no drift yet), so they equal the plain run's; every later group
     corrects the drift its inputs picked up and differs."""
@@ -140,9 +171,9 @@ def test_a_data_free_block_still_carries_the_full_precision_stream():
     streams = []
     real = driver.block_hessians
 
-    def spy(block, linears, inputs, kwargs, observers=(), fp_inputs=None, fp_block=None):
+    def spy(block, linears, inputs, kwargs, observers=(), fp_inputs=None, fp_block=None, **rest):
         streams.append(fp_inputs)
-        return real(block, linears, inputs, kwargs, observers, fp_inputs, fp_block)
+        return real(block, linears, inputs, kwargs, observers, fp_inputs, fp_block, **rest)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(driver, "block_hessians", spy)

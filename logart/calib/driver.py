@@ -92,9 +92,38 @@ def input_groups(block, linears: dict, sample: torch.Tensor, kwargs: dict) -> li
     return list(groups.values())
 
 
+class _StopForward(Exception):
+    """Raised by a statistics hook once every hooked layer of a forward has seen its input: the rest of the
+    block's forward would be computed for nothing."""
+
+
+def _forward_until_seen(module, x, kwargs, layers: dict, on_input, stop_early: bool) -> None:
+    """Run `module(x)` calling `on_input(name, input)` before each layer of `layers`; with `stop_early`, stop the
+    forward as soon as every one of them has been reached (decoder blocks call each linear once per forward).
+    The statistics are the same either way, only the unneeded tail of the forward is skipped."""
+    pending = set(layers)
+
+    def pre(name):
+        def hook(_m, args):
+            on_input(name, args[0])
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _StopForward
+        return hook
+
+    handles = [layers[n].register_forward_pre_hook(pre(n)) for n in layers]
+    try:
+        module(x, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, observers: tuple = (),
-                   fp_inputs: torch.Tensor | None = None, fp_block=None) -> dict:
+                   fp_inputs: torch.Tensor | None = None, fp_block=None, groups: list | None = None) -> dict:
     """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so only
     the first layer of each group is hooked. `observers`: (module, forward hook) pairs that see the same pass
     (the attention-aware q/k moments). Returns {layer name: accumulator}.
@@ -102,34 +131,24 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, obs
     With `fp_inputs` and `fp_block` (the full-precision model's inputs of this block for the same tokens, and the
     block's full-precision copy) the accumulators also gather the drift statistics of the full-precision target
     (calib/hessian.py): each window goes through `fp_block` first, so the two inputs of every linear pair up
-    token by token."""
-    groups = input_groups(block, linears, inputs[:1], kwargs)
+    token by token. `groups`: the layers grouped by shared input, when the caller already knows them (else one
+    probe forward finds them, `input_groups`)."""
+    groups = groups or input_groups(block, linears, inputs[:1], kwargs)
     accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
     fp_linears = linear_layers(fp_block) if fp_block is not None else {}
     fp_seen = {}
+    stop_early = not observers  # observers hook the attention module, which may run after the last hooked input
 
-    def collect(name):
-        def hook(_m, args):
-            accs[name].add_batch(args[0], fp_seen.pop(name, None))
-        return hook
-
-    def keep(name):
-        def hook(_m, args):
-            fp_seen[name] = args[0]
-        return hook
+    def collect(name, x):
+        accs[name].add_batch(x, fp_seen.pop(name, None))
 
     for i in range(inputs.shape[0]):
         if fp_inputs is not None:
-            handles = [fp_linears[n].register_forward_pre_hook(keep(n)) for n in accs]
-            try:
-                fp_block(fp_inputs[i:i + 1], **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-        handles = [linears[n].register_forward_pre_hook(collect(n)) for n in accs]
-        handles += [m.register_forward_hook(fn) for m, fn in observers]
+            _forward_until_seen(fp_block, fp_inputs[i:i + 1], kwargs, {n: fp_linears[n] for n in accs},
+                                fp_seen.__setitem__, stop_early=True)
+        handles = [m.register_forward_hook(fn) for m, fn in observers]
         try:
-            block(inputs[i:i + 1], **kwargs)
+            _forward_until_seen(block, inputs[i:i + 1], kwargs, {n: linears[n] for n in accs}, collect, stop_early)
         finally:
             for h in handles:
                 h.remove()
@@ -238,7 +257,8 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: 
             for g, group in enumerate(input_groups(block, {n: chosen[n][1] for n in chosen}, inputs[:1], kwargs)):
                 wanted = {n: calibrated[n] for n in group if n in calibrated}
                 hooks = observer.hooks() if (observer and g == 0) else ()
-                hessians = block_hessians(block, wanted, inputs, kwargs, hooks, fp_inputs, fp_block) if wanted else {}
+                hessians = block_hessians(block, wanted, inputs, kwargs, hooks, fp_inputs, fp_block,
+                                          groups=[list(wanted)]) if wanted else {}
                 quantize_group(group, hessians, observer.factors() if (observer and g == 0) else {})
         layer_bar.close()
         if inputs is not None:
