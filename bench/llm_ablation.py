@@ -43,8 +43,9 @@ def baseline_rows() -> dict:
         if (bits, g) != (3, -1):
             rows[f"logart-{tag}"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g)]
     rows["logart-fast-w4_pc"] = ["--recipe", "logart-fast", "--bits", "4"]
-    for g, tag in ((-1, "w3_pc"), (128, "w3_g128")):  # the full recipe plus full-precision targets (alpha 0.25)
-        rows[f"logart-{tag}-fp-target"] = ["--recipe", "logart", "--bits", "3", "--group-size", str(g),
+    for bits, g in itertools.product([3, 4], [-1, 128]):  # the full recipe plus full-precision targets (alpha 0.25)
+        tag = f"w{bits}_{'pc' if g == -1 else 'g128'}"
+        rows[f"logart-{tag}-fp-target"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g),
                                             "--fp-target", "0.25"]
     rows["logart-w3_pc-attention"] = ["--recipe", "logart", "--bits", "3", "--attention-aware"]  # DSAL + spec §4.4
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
@@ -105,6 +106,26 @@ def trend(rows: list[dict]) -> dict:
     return {"pairs": pairs, "lower": len(better), "not_lower": worse, "unmeasured": missing, "lowered": better}
 
 
+# Issue #5's quality lines for the `logart` recipe (perplexity at most), and the goal below them.
+FLOORS = {"w3_pc": 42.0, "w4_pc": 29.0, "w3_g128": 35.0, "w4_g128": 25.0}
+GOALS = {"w3_pc": 35.0, "w4_pc": 24.0}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each setting's `logart` rows (plain, and with full-precision targets) against its floor and goal. W3 per
+    channel's plain `logart` row is the ablation's DSAL."""
+    ppl = {r["row"]: r["ppl"] for r in rows}
+    out = []
+    for setting, floor in FLOORS.items():
+        plain = "DSAL" if setting == "w3_pc" else f"logart-{setting}"
+        for variant, row in (("logart", plain), ("logart --fp-target 0.25", f"logart-{setting}-fp-target")):
+            if row in ppl:
+                out.append({"setting": setting, "variant": variant, "row": row, "ppl": ppl[row], "floor": floor,
+                            "meets_floor": ppl[row] <= floor, "goal": GOALS.get(setting),
+                            "meets_goal": setting in GOALS and ppl[row] < GOALS[setting]})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="*", default=[])
@@ -126,7 +147,9 @@ def main():
         rows = table()
         JSON.parent.mkdir(parents=True, exist_ok=True)
         t = trend(rows)
-        JSON.write_text(json.dumps({"protocol": "shared/PROTOCOL.md", "rows": rows, "trend": t}, indent=2))
+        q = targets(rows)
+        JSON.write_text(json.dumps({"protocol": "shared/PROTOCOL.md", "rows": rows, "trend": t, "targets": q},
+                                   indent=2))
         print("| row | ppl | quant s | peak RSS GB |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['row']} | {r['ppl']:.2f} | {r['quant_seconds']:.0f} | {r['peak_rss_gb']:.2f} |")
@@ -134,6 +157,11 @@ def main():
               f"({len(t['unmeasured'])} not measured yet)")
         for line in t["not_lower"]:
             print(f"  not lower: {line}")
+        print("\nquality lines (perplexity at most):")
+        for r in q:
+            goal = f", goal < {r['goal']:g}: {'met' if r['meets_goal'] else 'not met'}" if r["goal"] else ""
+            print(f"  {r['setting']:8s} {r['variant']:24s} {r['ppl']:7.2f}  floor {r['floor']:g}: "
+                  f"{'met' if r['meets_floor'] else 'NOT met'}{goal}")
 
 
 if __name__ == "__main__":
