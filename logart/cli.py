@@ -50,7 +50,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--fp-target", type=float, nargs="?", const=0.25, default=None, metavar="ALPHA",
                    help="every layer moves a fraction ALPHA (default 0.25) toward the full-precision model's output "
                         "on the full-precision inputs, so it also corrects the error of the blocks before it "
-                        "(statistics gathered group by group; about 2.5x the calibration time)")
+                        "(statistics gathered group by group; about 1.2x the quantization time of the logart recipe)")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
