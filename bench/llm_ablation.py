@@ -29,7 +29,7 @@ def ablation_rows() -> dict:
     rows = {}
     for dbs, sfs, abs_, llr in itertools.product([False, True], repeat=4):
         tag = "".join(n for n, on in (("D", dbs), ("S", sfs), ("A", abs_), ("L", llr)) if on) or "base"
-        rows[tag] = ["--recipe", "logart" if llr else "logart-fast", "--bits", "3",
+        rows[tag] = ["--recipe", "logart" if llr else "logart-fast", "--bits", "3", "--fp-target", "0",  # the paper's
                      "--dbs" if dbs else "--no-dbs", "--sfs" if sfs else "--no-sfs", "--abs" if abs_ else "--no-abs"]
     return rows
 
@@ -41,7 +41,8 @@ def baseline_rows() -> dict:
         for recipe in ("rtn", "gptq"):
             rows[f"{recipe}-{tag}"] = ["--recipe", recipe, "--bits", str(bits), "--group-size", str(g)]
         if (bits, g) != (3, -1):
-            rows[f"logart-{tag}"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g)]
+            rows[f"logart-{tag}"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g),
+                                     "--fp-target", "0"]  # as measured before full-precision targets were the default
     rows["logart-fast-w4_pc"] = ["--recipe", "logart-fast", "--bits", "4"]
     for bits, g in itertools.product([3, 4], [-1, 128]):  # the full recipe plus full-precision targets (alpha 0.25)
         tag = f"w{bits}_{'pc' if g == -1 else 'g128'}"
@@ -112,13 +113,13 @@ GOALS = {"w3_pc": 35.0, "w4_pc": 24.0}
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Each setting's `logart` rows (plain, and with full-precision targets) against its floor and goal. W3 per
-    channel's plain `logart` row is the ablation's DSAL."""
+    """Each setting's `logart` rows (without full-precision targets, and with them: the preset's default) against
+    its floor and goal. W3 per channel's row without targets is the ablation's DSAL."""
     ppl = {r["row"]: r["ppl"] for r in rows}
     out = []
     for setting, floor in FLOORS.items():
         plain = "DSAL" if setting == "w3_pc" else f"logart-{setting}"
-        for variant, row in (("logart", plain), ("logart --fp-target 0.25", f"logart-{setting}-fp-target")):
+        for variant, row in (("logart --fp-target 0", plain), ("logart (default)", f"logart-{setting}-fp-target")):
             if row in ppl:
                 out.append({"setting": setting, "variant": variant, "row": row, "ppl": ppl[row], "floor": floor,
                             "meets_floor": ppl[row] <= floor, "goal": GOALS.get(setting),

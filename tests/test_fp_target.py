@@ -149,15 +149,18 @@ def test_strength_moves_a_fraction_of_the_way():
 
 
 def test_strength_outside_zero_one_is_refused_and_the_cli_default_is_a_quarter():
+    """The `logart` preset has the targets on (a quarter); `--fp-target 0` gives the paper's recipe; the flag
+    alone means a quarter on any recipe."""
     from logart.cli import build_parser, _recipe_from
     from logart.recipes import make_recipe
     with pytest.raises(LogartError, match=r"lie in \[0, 1\]"):
         make_recipe("logart-fast", bits=3, fp_target=1.5)
     parser = build_parser()
-    args = parser.parse_args(["quantize", "--model", "smollm2-135m", "--fp-target"])
-    assert _recipe_from(args).fp_target == 0.25
-    args = parser.parse_args(["quantize", "--model", "smollm2-135m"])
-    assert _recipe_from(args).fp_target == 0.0
+    quantize = ["quantize", "--model", "smollm2-135m"]
+    assert _recipe_from(parser.parse_args(quantize)).fp_target == 0.25   # the default recipe is `logart`
+    assert _recipe_from(parser.parse_args([*quantize, "--fp-target", "0"])).fp_target == 0.0
+    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast"])).fp_target == 0.0
+    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast", "--fp-target"])).fp_target == 0.25
 
 
 def test_a_data_free_block_still_carries_the_full_precision_stream():
