@@ -19,33 +19,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-from logart.models import load_causal_lm
-from logart.models.decoder import capture_block_inputs, decoder_layers, linear_layers, run_block
-from logart.report import now, versions, write_json
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import median_time  # noqa: E402
+
+from logart.models import load_causal_lm  # noqa: E402
+from logart.models.decoder import capture_block_inputs, decoder_layers, linear_layers, run_block  # noqa: E402
+from logart.report import now, versions, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "forward_floor.json"
 WINDOWS, SEQLEN, PASSES = 32, 2048, 2
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
     """GFLOP/s of (m x k) @ (k x n) in `dtype`."""
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    return 2 * m * k * n / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    return 2 * m * k * n / median_time(lambda: torch.mm(a, b), repeats)[0] / 1e9
 
 
 def main():
@@ -63,8 +56,8 @@ def main():
     bf16 = gemm_rate(*shapes[0], torch.bfloat16, repeats=1)
     captured = capture_block_inputs(model, torch.randint(0, model.config.vocab_size, (1, SEQLEN),
                                                          generator=torch.Generator().manual_seed(0)))
-    block_s = _median_seconds(lambda: run_block(blocks[len(blocks) // 2], captured.hidden, captured.kwargs),
-                              args.repeats)
+    block_s, _ = median_time(lambda: run_block(blocks[len(blocks) // 2], captured.hidden, captured.kwargs),
+                             args.repeats)
     n = WINDOWS * len(blocks) * PASSES
     result = {
         "date": now(), "threads": args.threads, "versions": versions(),
