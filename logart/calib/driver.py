@@ -29,7 +29,8 @@ from logart.calib.attention import AttentionObserver
 from logart.calib.ends import opted_in_ends, quantize_embedding, quantize_head
 from logart.calib.hessian import HessianAccumulator
 from logart.calib.layer import quantize_linear
-from logart.models.decoder import block_output, capture_block_inputs, decoder_layers, linear_layers
+from logart.models.decoder import (block_output, capture_block_inputs, decoder_layers, forward_until_seen,
+                                   linear_layers)
 from logart.models.roles import attention_layout
 from logart.quant import make_codebook
 from logart.recipes import Recipe
@@ -72,53 +73,13 @@ def input_groups(block, linears: dict, sample: torch.Tensor, kwargs: dict) -> li
     """The layers of `linears` grouped by the input tensor they read (q/k/v share one, gate/up another), groups
     in the order the block's forward reaches them. One probe forward on `sample` (one window)."""
     seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
-
-    def probe(name):
-        def hook(_m, args):
-            seen[name] = args[0]
-        return hook
-
-    handles = [m.register_forward_pre_hook(probe(n)) for n, m in linears.items()]
-    try:
-        block(sample, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_until_seen(block, sample, kwargs, linears, seen.__setitem__, stop_early=True)
     groups: dict[tuple, list[str]] = {}
     for name in [*seen, *(n for n in linears if n not in seen)]:  # call order; never-called layers last
         x = seen.get(name)
         key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (name,)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
-
-
-class _StopForward(Exception):
-    """Raised by a statistics hook once every hooked layer of a forward has seen its input: the rest of the
-    block's forward would be computed for nothing."""
-
-
-def _forward_until_seen(module, x, kwargs, layers: dict, on_input, stop_early: bool) -> None:
-    """Run `module(x)` calling `on_input(name, input)` before each layer of `layers`; with `stop_early`, stop the
-    forward as soon as every one of them has been reached (decoder blocks call each linear once per forward).
-    The statistics are the same either way, only the unneeded tail of the forward is skipped."""
-    pending = set(layers)
-
-    def pre(name):
-        def hook(_m, args):
-            on_input(name, args[0])
-            pending.discard(name)
-            if stop_early and not pending:
-                raise _StopForward
-        return hook
-
-    handles = [layers[n].register_forward_pre_hook(pre(n)) for n in layers]
-    try:
-        module(x, **kwargs)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -144,11 +105,11 @@ def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, obs
 
     for i in range(inputs.shape[0]):
         if fp_inputs is not None:
-            _forward_until_seen(fp_block, fp_inputs[i:i + 1], kwargs, {n: fp_linears[n] for n in accs},
+            forward_until_seen(fp_block, fp_inputs[i:i + 1], kwargs, {n: fp_linears[n] for n in accs},
                                 fp_seen.__setitem__, stop_early=True)
         handles = [m.register_forward_hook(fn) for m, fn in observers]
         try:
-            _forward_until_seen(block, inputs[i:i + 1], kwargs, {n: linears[n] for n in accs}, collect, stop_early)
+            forward_until_seen(block, inputs[i:i + 1], kwargs, {n: linears[n] for n in accs}, collect, stop_early)
         finally:
             for h in handles:
                 h.remove()

@@ -48,7 +48,8 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
+    """Raised by a pre-hook once the forward has reached every module it was run for: nothing after them needs
+    to run."""
 
 
 @dataclass
@@ -109,6 +110,31 @@ def run_until(model: nn.Module, module: nn.Module, windows: torch.Tensor, on_inp
                     pass
     finally:
         handle.remove()
+
+
+def forward_until_seen(module: nn.Module, x: torch.Tensor, kwargs: dict, layers: dict, on_input,
+                       stop_early: bool) -> None:
+    """Run `module(x, **kwargs)` calling `on_input(name, input)` before each module of `layers` ({name: module});
+    with `stop_early`, stop the forward as soon as every one of them has been reached (decoder blocks call each
+    linear once per forward). What `on_input` sees is the same either way; only the unneeded tail is skipped."""
+    pending = set(layers)
+
+    def pre(name):
+        def hook(_m, args):
+            on_input(name, args[0])
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _StopForward
+        return hook
+
+    handles = [layers[n].register_forward_pre_hook(pre(n)) for n in layers]
+    try:
+        module(x, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
