@@ -40,7 +40,8 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--hardware-approx", action="store_true", help="1 + 1/2 multiplier-free sqrt(2) levels")
     p.add_argument("--rounding", choices=["rtn", "gptq", "llr", "gptq+llr"], help="override the recipe's rounding")
     p.add_argument("--search", choices=["fast", "exhaustive"], help="override the recipe's (k, s) search")
-    p.add_argument("--llr-iters", type=int, help="learned-rounding iterations per layer (recipe default 500)")
+    p.add_argument("--llr-iters", type=int,
+                   help="learned-rounding iterations per layer (the logart preset: 200; the original: 500)")
     p.add_argument("--attention-aware", action="store_true", default=None,
                    help="learned rounding of q/k projections weighs errors by the attention scores they perturb "
                         "(per-head key/query moments, RoPE-aware; spec §4.4)")
