@@ -50,6 +50,9 @@ def baseline_rows() -> dict:
         rows[f"logart-{tag}-fp-target"] = ["--recipe", "logart", "--bits", str(bits), "--group-size", str(g),
                                             "--fp-target", "0.25"]
     rows["logart-w3_pc-attention"] = ["--recipe", "logart", "--bits", "3", "--attention-aware"]  # DSAL + spec §4.4
+    # the two best W3 options together: attention-aware rounding and the target strength of the screen (RESULTS)
+    rows["logart-w3_pc-attention-a0.5"] = ["--recipe", "logart", "--bits", "3", "--attention-aware",
+                                           "--fp-target", "0.5"]
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
     rows["logart-fast-w3_pc-reference"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference",
                                            "--search", "exhaustive"]
