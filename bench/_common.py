@@ -1,25 +1,17 @@
-"""Shared by the benchmark scripts: environment record and JSON output (atomic write)."""
+"""Shared by the benchmark scripts: environment record, timing, and JSON output (atomic write, logart.report's)."""
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
-from datetime import datetime, timezone
 
-import torch
+from logart.report import now, versions, write_json  # noqa: F401  (write_json: re-exported for the scripts)
 
 
 def environment() -> dict:
-    import transformers
-
-    import logart
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "logart": logart.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    """When, with what, on what: logart.report's versions plus the date and the CPU."""
+    return {"date": now(), **versions(), "cpu": platform.processor() or platform.machine()}
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
@@ -32,11 +24,3 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[floa
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
-
-
-def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import median_time  # noqa: E402
+from _common import median_time, now, versions, write_json  # noqa: E402
 
 from logart.models import load_causal_lm  # noqa: E402
 from logart.models.decoder import capture_block_inputs, decoder_layers, linear_layers, run_block  # noqa: E402
-from logart.report import now, versions, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "forward_floor.json"
 WINDOWS, SEQLEN, PASSES = 32, 2048, 2
