@@ -10,7 +10,10 @@ overrides, ignore, both ends). Real cases: `logart quantize` on SmolLM2-135M und
 (the two checkpoints issue #13 names: `logart-fast` W4 per channel and `log2-rtn` W3), timed.
 
 Hashes are of the safetensors files only: config.json prints the recipe, whose layout may change while the
-weights must not. They hold on one machine (one BLAS); compare runs of the same machine.
+weights must not. They hold on one machine (one BLAS); compare runs of the same machine. Each file is hashed in
+canonical form (metadata sorted by key, then every tensor's name, dtype, shape and bytes in name order): the
+safetensors writer serialises its metadata map in a per-process random order (a Rust HashMap), so the raw
+bytes of two runs of the same code already differ in the header.
 """
 
 from __future__ import annotations
@@ -52,8 +55,21 @@ REAL_CASES = {
 }
 
 
+def canonical_sha256(path: Path) -> str:
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _hashes(folder: Path) -> dict:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+    return {f.name: canonical_sha256(f) for f in sorted(folder.glob("*.safetensors"))}
 
 
 def tiny_case(arch: str, recipe: str, options: dict) -> dict:
