@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from logart.calib.driver import block_hessians, propagate
+from logart.calib.stats import block_hessians, propagate
 from logart.data.sets import calibration_set
-from logart.models import decoder_layers, linear_layers, load_causal_lm
-from logart.models.decoder import capture_block_inputs
+from logart.models import load_causal_lm
+from logart.models.hf_causal import HFCausalLM
 from logart.quant import QuantSpec, make_codebook
 from logart.rounding import gptq, hessian_loss, rtn
 from logart.search import HessianScore, default_k_values, default_s_values, search
@@ -57,17 +57,20 @@ def main():
     variant, method = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     model, tok = load_causal_lm("smollm2-135m")
-    captured = capture_block_inputs(model, calibration_set(tok, "news", nsamples=4, seqlen=2048, seed=0))
+    adapter = HFCausalLM()
+    plan = adapter.plan(model)
+    captured = adapter.capture(model, plan[0], calibration_set(tok, "news", nsamples=4, seqlen=2048, seed=0))
     x, totals = captured.hidden, {}
-    for b, block in enumerate(decoder_layers(model)):
+    for b, block in enumerate(plan):
         if b > max(BLOCKS):
             break
-        linears = linear_layers(block)
+        run = lambda inputs, block=block: adapter.run(block, inputs, captured.kwargs)  # noqa: E731
+        sites = {s.name[len(block.name) + 1:]: s for s in block.sites}
         if b in BLOCKS:
-            hessians = block_hessians(block, linears, x, captured.kwargs)
-            for name, layer in linears.items():
+            hessians = block_hessians(run, sites, x)
+            for name, site in sites.items():
                 H, dead = hessians[name].finalize()
-                W = layer.weight.detach().float().clone()
+                W = site.matrix()
                 W[:, dead] = 0
                 line = []
                 for tag, (cb, p) in candidates(variant, method, W, H).items():
@@ -76,7 +79,7 @@ def main():
                         totals[f"{tag} {how}"] = totals.get(f"{tag} {how}", 0.0) + loss
                         line.append(f"{tag} {how} {loss:.4g}")
                 print(f"block {b} {name:18s} " + "  ".join(line), flush=True)
-        x = propagate(block, x, captured.kwargs)
+        x = propagate(run, x)
     first = next(iter(totals)).split()[0]
     ratios = {k: v / totals[f"{first} {k.split()[1]}"] for k, v in totals.items()}
     print("totals", totals, "\nrelative to", first, ratios)

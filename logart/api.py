@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from logart.calib.driver import LayerRecord, quantize_model
+from logart.calib.driver import quantize_blocks
+from logart.calib.record import LayerRecord
 from logart.recipes import Recipe, make_recipe
 
 
@@ -27,9 +28,18 @@ class QuantizationResult:
         return dict(sorted(hist.items(), reverse=True))
 
 
+def default_adapter(model, recipe: Recipe, log=print):
+    """The adapter for `model`: Hugging Face causal LMs (the family this entry point has always taken)."""
+    from logart.models.hf_causal import HFCausalLM
+
+    return HFCausalLM(embeddings=recipe.quantize_embeddings, lm_head=recipe.quantize_lm_head,
+                      selects=lambda name: recipe.for_module(name) is not None, log=log)
+
+
 def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
-             log=print, state=None, streamer=None, **recipe_options) -> QuantizationResult:
-    """Quantize the decoder linear layers of a Hugging Face causal LM in place.
+             log=print, state=None, streamer=None, adapter=None, reconstruct=None,
+             **recipe_options) -> QuantizationResult:
+    """Quantize the weight sites of `model` in place, block by block (calib/driver.py).
 
     recipe: a `Recipe` or a preset name (`logart`, `logart-fast`, `log2-rtn`, `rtn`, `gptq`) with options
         such as `bits=3, group_size=128`.
@@ -37,11 +47,14 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
         data-free recipes.
     state: a `logart.calib.resume.RunState` to make the run resumable (the CLI does this for --output).
     streamer: larger-than-memory runs load and pack one block at a time (see `logart.pipeline.PackAfterBlock`).
+    adapter: the model family's adapter (models/adapter.py); default: a Hugging Face causal LM.
+    reconstruct: block reconstruction after each block's sites are quantized (calib/reconstruct.py).
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
-    layers, params = quantize_model(model, recipe, calib, progress=progress, log=log, state=state,
-                                    streamer=streamer)
+    adapter = adapter or default_adapter(model, recipe, log)
+    layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
+                                     streamer=streamer, reconstruct=reconstruct)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0)

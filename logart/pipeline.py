@@ -119,7 +119,8 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     if opts.output:  # resumable: finished blocks survive an interruption in <output>.partial/
         import logart
         state = RunState(Path(f"{opts.output}.partial"), fingerprint(
-            model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=logart.__version__))
+            model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=logart.__version__,
+            state_layout="plan"))  # block files are numbered by the adapter's plan, ends included
     result = quantize(model, recipe, calib, progress=opts.progress, log=log, state=state, streamer=streamer)
     if streamer is not None:
         row["streaming"] = {"budget_mib": round(streamer.weights.budget / 2**20, 1),

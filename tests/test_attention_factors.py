@@ -7,7 +7,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from logart import api
 from logart.calib.attention import AttentionObserver, QKMoments, rotate, unrotate_mean
-from logart.calib.driver import block_hessians
+from logart.calib.stats import block_hessians
+from logart.models.hf_causal import HFCausalLM
 from logart.models import decoder_layers, linear_layers, tiny_causal_lm
 from logart.models.decoder import capture_block_inputs
 from logart.models.roles import attention_layout
@@ -113,12 +114,18 @@ def test_gpt2_fused_attention_has_no_layout():
 def _block_statistics(arch, windows=4):
     """The first block of a tiny `arch` model, its layout, captured inputs, Hessians and attention factors."""
     model = tiny_causal_lm(arch)
-    block = decoder_layers(model)[0]
+    adapter = HFCausalLM()
+    plan_block = adapter.plan(model)[0]
+    block = plan_block.module
     captured = capture_block_inputs(model, _windows(windows))
     layout = attention_layout(block)
-    observer = AttentionObserver(block, layout, captured.kwargs)
-    hessians = block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs, observer.hooks())
-    return block, layout, captured, hessians, observer.factors()
+    observer = AttentionObserver(adapter.attention(plan_block, captured.kwargs),
+                                 {s.name: s.module for s in plan_block.sites})
+    sites = {s.name[len(plan_block.name) + 1:]: s for s in plan_block.sites}
+    hessians = block_hessians(lambda x: adapter.run(plan_block, x, captured.kwargs), sites, captured.hidden,
+                              observer.hooks())
+    factors = {k[len(plan_block.name) + 1:]: v for k, v in observer.factors().items()}
+    return block, layout, captured, hessians, factors
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -181,7 +188,7 @@ def test_attention_aware_recipe_end_to_end(arch):
 
 
 def test_partial_rotary_is_refused_clearly():
-    from logart.calib.attention import block_rope
+    from logart.models.roles import block_rope
     cos = torch.ones(1, 8, 4)
     with pytest.raises(LogartError, match="partial rotary"):
         block_rope({"position_embeddings": (cos, cos)}, head_dim=8)

@@ -7,11 +7,25 @@ import torch
 from logart import api
 import copy
 
-from logart.calib.driver import block_hessians, input_groups
+from logart.calib.stats import block_hessians, input_groups
 from logart.calib.hessian import HessianAccumulator
 from logart.errors import LogartError
 from logart.models import decoder_layers, linear_layers, tiny_causal_lm
+from logart.models.adapter import Block
 from logart.models.decoder import capture_block_inputs
+from logart.models.hf_causal import HFCausalLM
+
+
+def _sites(model, b):
+    """Block `b` of a tiny decoder as the engine sees it: the adapter's Block and its sites by relative name."""
+    block = HFCausalLM().plan(model)[b]
+    return block, {s.name[len(block.name) + 1:]: s for s in block.sites}
+
+
+def _runner(block, kwargs, module=None):
+    """The adapter's `run` for `block` (or its copy `module`) with the block's kwargs bound."""
+    target = block if module is None else Block(block.name, module, [])
+    return lambda x: HFCausalLM().run(target, x, kwargs)
 
 
 def _inputs(n=400, c=12, seed=0):
@@ -79,16 +93,16 @@ def test_block_statistics_pair_the_two_streams():
     """Identical streams: no drift. A drifted quantized stream: every layer sees a nonzero drift."""
     model = tiny_causal_lm("llama")
     captured = capture_block_inputs(model, _calib())
-    block = decoder_layers(model)[0]
-    fp_block = copy.deepcopy(block)
-    same = block_hessians(block, linear_layers(block), captured.hidden, captured.kwargs,
-                          fp_inputs=captured.hidden, fp_block=fp_block)
+    block, sites = _sites(model, 0)
+    fp_block = copy.deepcopy(block.module)
+    run, fp_run = _runner(block, captured.kwargs), _runner(block, captured.kwargs, fp_block)
+    fp_modules = {n: fp_block.get_submodule(n) for n in sites}
+    same = block_hessians(run, sites, captured.hidden, fp_inputs=captured.hidden, fp_run=fp_run, fp_modules=fp_modules)
     assert all(torch.equal(acc.D, torch.zeros_like(acc.D)) for acc in same.values())
     drifted = captured.hidden + 0.05 * torch.randn_like(captured.hidden)
-    moved = block_hessians(block, linear_layers(block), drifted, captured.kwargs,
-                           fp_inputs=captured.hidden, fp_block=fp_block)
+    moved = block_hessians(run, sites, drifted, fp_inputs=captured.hidden, fp_run=fp_run, fp_modules=fp_modules)
     assert all(acc.D.abs().sum() > 0 for acc in moved.values())
-    groups = input_groups(block, linear_layers(block), captured.hidden[:1], captured.kwargs)
+    groups = input_groups(run, sites, captured.hidden[:1])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
@@ -99,16 +113,18 @@ def test_statistics_of_an_early_group_skip_the_rest_of_the_block_and_match_a_ful
     accumulators equal those gathered from inputs recorded in complete forwards."""
     model = tiny_causal_lm(arch)
     captured = capture_block_inputs(model, _calib())
-    block = decoder_layers(model)[1]
+    adapter_block, sites = _sites(model, 1)
+    block = adapter_block.module
     fp_block = copy.deepcopy(block)
     linears = linear_layers(block)
-    first = input_groups(block, linears, captured.hidden[:1], captured.kwargs)[0]
+    run, fp_run = _runner(adapter_block, captured.kwargs), _runner(adapter_block, captured.kwargs, fp_block)
+    first = input_groups(run, sites, captured.hidden[:1])[0]
     drifted = captured.hidden + 0.05 * torch.randn_like(captured.hidden)
     last = list(linears)[-1]   # the block's last linear (down_proj / fc2)
     calls = []
     handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (linears[last], fp_block.get_submodule(last))]
-    accs = block_hessians(block, {n: linears[n] for n in first}, drifted, captured.kwargs,
-                          fp_inputs=captured.hidden, fp_block=fp_block, groups=[first])
+    accs = block_hessians(run, {n: sites[n] for n in first}, drifted, fp_inputs=captured.hidden, fp_run=fp_run,
+                          fp_modules={n: fp_block.get_submodule(n) for n in first}, groups=[first])
     for h in handles:
         h.remove()
     assert calls == []
@@ -174,9 +190,9 @@ def test_a_data_free_block_still_carries_the_full_precision_stream():
     streams = []
     real = driver.block_hessians
 
-    def spy(block, linears, inputs, kwargs, observers=(), fp_inputs=None, fp_block=None, **rest):
+    def spy(run, sites, inputs, observers=(), fp_inputs=None, *rest, **kw):
         streams.append(fp_inputs)
-        return real(block, linears, inputs, kwargs, observers, fp_inputs, fp_block, **rest)
+        return real(run, sites, inputs, observers, fp_inputs, *rest, **kw)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(driver, "block_hessians", spy)

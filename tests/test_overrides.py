@@ -10,12 +10,13 @@ import torch
 
 import logart  # noqa: F401  (installs the transformers hook)
 from logart import api
-from logart.calib.ends import head_hessian
 from logart.cli import main
 from logart.io.checkpoint import load_quantized, save_quantized
 from logart.io.embedding import LogEmbedding
 from logart.io.linear import LogLinear
+from logart.calib.stats import block_hessians
 from logart.models import tiny_causal_lm
+from logart.models.hf_causal import HFCausalLM
 from logart.quant import LogartError, QuantSpec, make_codebook, packed_length
 from logart.recipes import Override, make_recipe
 
@@ -148,7 +149,9 @@ def test_head_hessian_is_taken_after_the_final_norm():
     model = tiny_causal_lm("llama")
     seen = []
     handle = model.model.norm.register_forward_hook(lambda _m, _a, out: seen.append(out.reshape(-1, out.shape[-1])))
-    acc = head_hessian(model, model.lm_head, CALIB)
+    head = HFCausalLM(lm_head=True).plan(model)[-1]
+    captured = HFCausalLM().capture(model, head, CALIB)
+    acc = block_hessians(lambda x: HFCausalLM().run(head, x, {}), {"lm_head": head.sites[0]}, captured.hidden)["lm_head"]
     handle.remove()
     x = torch.cat(seen)
     torch.testing.assert_close(acc.H, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)

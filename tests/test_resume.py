@@ -6,6 +6,7 @@ import torch
 import logart.calib.driver as driver
 from logart.calib.resume import RunState, fingerprint
 from logart.models import tiny_causal_lm
+from logart.models.hf_causal import HFCausalLM
 from logart.quant import LogartError
 from logart.recipes import make_recipe
 
@@ -20,7 +21,7 @@ def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=
     calib = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(0))
     recipe = make_recipe(recipe_name, **{"bits": 3, "llr_iters": 15, **options})
     state = RunState(folder, fingerprint(recipe=recipe.to_dict(), calib=calib))
-    real, calls = driver.quantize_linear, {"n": 0}
+    real, calls = driver.quantize_site, {"n": 0}
 
     def counting(*a, **k):
         calls["n"] += 1
@@ -33,8 +34,9 @@ def _run(folder, recipe_name, monkeypatch, kill_after_block=None, kill_at_layer=
             raise Interrupt
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "quantize_linear", counting)
-        driver.quantize_model(model, recipe, calib, progress=False, log=None, on_block_done=on_block, state=state)
+        m.setattr(driver, "quantize_site", counting)
+        driver.quantize_blocks(model, HFCausalLM(), recipe, calib, progress=False, log=None, on_block_done=on_block,
+                               state=state)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -89,7 +89,7 @@ def test_streaming_run_resumes_after_a_kill(sharded, tmp_path, monkeypatch):
     folder, text, model_bytes = sharded
     budget = int(model_bytes * 0.6)
     assert _quantize(folder, text, tmp_path / "ref", "--max-memory", budget) == 0
-    real, calls = driver.quantize_linear, {"n": 0}
+    real, calls = driver.quantize_site, {"n": 0}
 
     def dies_in_block_1(*a, **k):
         calls["n"] += 1
@@ -98,7 +98,7 @@ def test_streaming_run_resumes_after_a_kill(sharded, tmp_path, monkeypatch):
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "quantize_linear", dies_in_block_1)
+        m.setattr(driver, "quantize_site", dies_in_block_1)
         with pytest.raises(Interrupt):
             _quantize(folder, text, tmp_path / "work", "--max-memory", budget)
     assert (tmp_path / "work.partial" / "state.json").is_file()

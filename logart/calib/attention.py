@@ -6,9 +6,9 @@ with the keys' second moment: loss_q = Σ_h tr(G_h ΔW_h H ΔW_hᵀ) with G_q,h 
 rotated vectors R_t q_t and R_s k_s, so C is taken after rotation and mapped back to the projection's output
 space by averaging over positions: G = mean_t R_tᵀ C R_t.
 
-The rotation comes from the block's own `position_embeddings` (cos, sin) as the model computed them, so every
-`rope_scaling` variant (linear, dynamic, yarn, llama3) is honoured; the original code rebuilt R_t from
-`rope_theta` and ignored the scaling (spec Q16). With R_t = diag(cos_t) + diag(sin_t)·P (P: HF's rotate_half),
+The rotation (cos, sin) comes from the adapter, which reads it from what the model itself computed (Hugging Face
+blocks: their `position_embeddings`), so every `rope_scaling` variant (linear, dynamic, yarn, llama3) is
+honoured; the original code rebuilt R_t from `rope_theta` and ignored the scaling (spec Q16). With R_t = diag(cos_t) + diag(sin_t)·P (P: HF's rotate_half),
 mean_t R_tᵀ C R_t expands into four Hadamard products of C with position averages of cos/sin outer products:
 exact, and no [T, d, d] tensor is ever built.
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from logart.errors import LogartError
-from logart.models.roles import AttentionLayout
 
 
 def rotate_half_matrix(d: int, dtype=torch.float32) -> torch.Tensor:
@@ -82,34 +80,15 @@ class QKMoments:
         return Gq, Gk
 
 
-def block_rope(kwargs: dict, head_dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The (cos, sin) [T, head_dim] the block applies to its queries and keys, from the `position_embeddings` it
-    is called with; (None, None) for models without rotary embeddings (OPT). Partial rotary embeddings (Phi)
-    rotate only part of each head, which these factors do not model: a clear error instead of a wrong G."""
-    pe = kwargs.get("position_embeddings")
-    if pe is None:
-        return None, None
-    cos, sin = pe
-    if cos.shape[-1] != head_dim:
-        raise LogartError(f"the attention rotates {cos.shape[-1]} of {head_dim} dimensions per head (partial rotary "
-                          "embeddings); attention-aware rounding does not model that.",
-                          "run without --attention-aware for this model.")
-    return cos.reshape(-1, head_dim), sin.reshape(-1, head_dim)
-
-
 class AttentionObserver:
-    """Hooks on a block's q/k projections that gather QKMoments during the Hessian pass; `factors()` then gives
-    {full layer name: G} for the two projections."""
+    """Hooks on a block's q/k projections that gather QKMoments during the statistics pass; `factors()` then
+    gives {full site name: G} for the two projections. `attention`: the adapter's `AttentionSites`; `modules`:
+    {site name: module} of the block."""
 
-    def __init__(self, block, layout: AttentionLayout, kwargs: dict, prefix: str = ""):
-        if layout.qk_norm:
-            raise LogartError("this model normalises queries and keys per head after their projections (q_norm / "
-                              "k_norm, as Qwen3 and OLMo2 do); attention-aware rounding does not model that.",
-                              "run without --attention-aware for this model.")
-        self.layout, self.prefix = layout, prefix
-        cos, sin = block_rope(kwargs, layout.head_dim)
-        self.moments = QKMoments(layout.heads, layout.kv_heads, layout.head_dim, cos, sin)
-        self.modules = {"q": block.get_submodule(layout.query), "k": block.get_submodule(layout.key)}
+    def __init__(self, attention, modules: dict):
+        self.attention = attention
+        self.moments = QKMoments(attention.heads, attention.kv_heads, attention.head_dim, attention.cos, attention.sin)
+        self.modules = {"q": modules[attention.query], "k": modules[attention.key]}
 
     def hooks(self) -> list:
         """[(module, forward hook)] to register for the pass over the calibration windows."""
@@ -121,4 +100,4 @@ class AttentionObserver:
 
     def factors(self) -> dict[str, torch.Tensor]:
         Gq, Gk = self.moments.factors()
-        return {f"{self.prefix}{self.layout.query}": Gq, f"{self.prefix}{self.layout.key}": Gk}
+        return {self.attention.query: Gq, self.attention.key: Gk}

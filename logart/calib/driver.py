@@ -1,18 +1,22 @@
-"""The block-sequential driver: one generic loop for every decoder-only model.
+"""The block driver: one loop for every model family. It knows weight sites and blocks, never architectures.
 
-    capture the first block's inputs  ->  for each block:
-        gather the Gram/Hessian of every distinct linear input (one accumulator per shared input)
-        for each linear: search its codebook parameters, round its weights, write them back
-        recompute the block's outputs with the quantized weights: the next block's inputs
+    adapter.prepare(model); plan = adapter.plan(model)        # blocks in order, ends as one-site blocks
+    for each block:
+        inputs: captured from the model (the first chained block, and every block that is not chained) or the
+                previous chained block's outputs
+        statistics: H of every distinct site input (one pass of the unquantized block: the original's order,
+                spec §4.3), or group by group against the full-precision stream (full-precision targets)
+        per site: search its codebook parameters, round its weights, write them back (calib/layer.py)
+        optional: block reconstruction of all its sites together (calib/reconstruct.py)
+        propagate: the block's outputs with the quantized weights are the next chained block's inputs
 
-Memory is bounded by the model, one block's working set and the cached activations
-(nsamples x seqlen x hidden floats). Statistics of a block are gathered before any of its layers is
-quantized (the original's aespa-style order, spec §4.3).
+Memory is bounded by the model, one block's working set and the cached activations. With full-precision
+targets (`Recipe.fp_target`, calib/hessian.py) the driver also carries the full-precision model's stream through
+a copy of each chained block, and gathers a block's statistics input group by input group, each after the
+groups before it are quantized, so that every site corrects the drift of the inputs it will actually see, once.
 
-With full-precision targets (`Recipe.fp_target`, calib/hessian.py) the driver also carries the full-precision
-model's stream through a copy of each block, and gathers a block's statistics input group by input group
-(q/k/v, o, gate/up, down), each after the groups before it are quantized, so that every layer corrects the
-drift of the inputs it will actually see, once.
+Resume: every finished block is committed to a `RunState` (calib/resume.py) and restored from it on a rerun.
+Streaming: a `streamer` loads a chained block before it is touched and packs it once it is finished.
 """
 
 from __future__ import annotations
@@ -20,228 +24,201 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from logart.calib.attention import AttentionObserver
-from logart.calib.ends import opted_in_ends, quantize_embedding, quantize_head
-from logart.calib.hessian import HessianAccumulator
-from logart.calib.layer import quantize_linear
-from logart.models.decoder import (block_output, capture_block_inputs, decoder_layers, forward_until_seen,
-                                   linear_layers)
-from logart.models.roles import attention_layout
+from logart.calib.layer import quantize_site
+from logart.calib.record import LayerRecord
+from logart.calib.stats import block_hessians, input_groups, propagate
+from logart.errors import LogartError
 from logart.quant import make_codebook
 from logart.recipes import Recipe
 
 
-@dataclass
-class LayerRecord:
-    """One line of the per-layer log (printed, and saved in report.json)."""
+class _Stream:
+    """The activations that flow between chained blocks: the quantized model's, the kwargs every block takes,
+    and the full-precision model's (full-precision targets only)."""
 
-    name: str
-    shape: tuple
-    k_hist: dict
-    s_range: tuple
-    loss_before: float     # Δw H Δwᵀ summed over rows, plain RTN at k = L, s = 1 (the log2 baseline)
-    loss_after: float      # the same for the final weights
-    seconds: float
-    dead_inputs: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def line(self) -> str:
-        ks = " ".join(f"k{k}:{n}" for k, n in sorted(self.k_hist.items(), reverse=True))
-        return (f"{self.name:38s} {str(tuple(self.shape)):12s} loss {self.loss_before:10.4g} -> {self.loss_after:10.4g}"
-                f"  s {self.s_range[0]:.2f}-{self.s_range[1]:.2f}  {ks}  {self.seconds:5.1f}s")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __init__(self):
+        self.inputs = self.kwargs = self.fp_inputs = None
 
 
-@torch.no_grad()
-def propagate(block, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The block applied to every cached sample (batch 1: bounded memory, same numerics as evaluation)."""
-    out = torch.empty_like(inputs)
-    for i in range(inputs.shape[0]):
-        out[i] = block_output(block(inputs[i:i + 1], **kwargs))[0]
-    return out
+class BlockDriver:
+    def __init__(self, model, adapter, recipe: Recipe, data, progress=True, log=print, state=None, streamer=None,
+                 reconstruct=None):
+        self.model, self.adapter, self.recipe, self.data = model, adapter, recipe, data
+        self.progress, self.log, self.state, self.streamer = progress, log, state, streamer
+        self.reconstruct = reconstruct          # a callable (driver, block, chosen, stream) or None
+        self.codebook_of = functools.cache(make_codebook)   # one codebook per distinct spec, shared by its sites
+        self.records: list[LayerRecord] = []
+        self.params: dict = {}
+        self.stream = _Stream()
 
-
-@torch.no_grad()
-def input_groups(block, linears: dict, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """The layers of `linears` grouped by the input tensor they read (q/k/v share one, gate/up another), groups
-    in the order the block's forward reaches them. One probe forward on `sample` (one window)."""
-    seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
-    forward_until_seen(block, sample, kwargs, linears, seen.__setitem__, stop_early=True)
-    groups: dict[tuple, list[str]] = {}
-    for name in [*seen, *(n for n in linears if n not in seen)]:  # call order; never-called layers last
-        x = seen.get(name)
-        key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (name,)
-        groups.setdefault(key, []).append(name)
-    return list(groups.values())
-
-
-@torch.no_grad()
-def block_hessians(block, linears: dict, inputs: torch.Tensor, kwargs: dict, observers: tuple = (),
-                   fp_inputs: torch.Tensor | None = None, fp_block=None, groups: list | None = None) -> dict:
-    """Accumulate H = (2/N) Σ x xᵀ once per *distinct* input: q/k/v (and gate/up) read the same tensor, so only
-    the first layer of each group is hooked. `observers`: (module, forward hook) pairs that see the same pass
-    (the attention-aware q/k moments). Returns {layer name: accumulator}.
-
-    With `fp_inputs` and `fp_block` (the full-precision model's inputs of this block for the same tokens, and the
-    block's full-precision copy) the accumulators also gather the drift statistics of the full-precision target
-    (calib/hessian.py): each window goes through `fp_block` first, so the two inputs of every linear pair up
-    token by token. `groups`: the layers grouped by shared input, when the caller already knows them (else one
-    probe forward finds them, `input_groups`)."""
-    groups = groups or input_groups(block, linears, inputs[:1], kwargs)
-    accs = {g[0]: HessianAccumulator(linears[g[0]].in_features) for g in groups}
-    fp_linears = linear_layers(fp_block) if fp_block is not None else {}
-    fp_seen = {}
-    stop_early = not observers  # observers hook the attention module, which may run after the last hooked input
-
-    def collect(name, x):
-        accs[name].add_batch(x, fp_seen.pop(name, None))
-
-    for i in range(inputs.shape[0]):
-        if fp_inputs is not None:
-            forward_until_seen(fp_block, fp_inputs[i:i + 1], kwargs, {n: fp_linears[n] for n in accs},
-                                fp_seen.__setitem__, stop_early=True)
-        handles = [m.register_forward_hook(fn) for m, fn in observers]
-        try:
-            forward_until_seen(block, inputs[i:i + 1], kwargs, {n: linears[n] for n in accs}, collect, stop_early)
-        finally:
-            for h in handles:
-                h.remove()
-    return {name: accs[g[0]] for g in groups for name in g}
-
-
-def _attention_observer(block, chosen: dict, kwargs: dict, prefix: str):
-    """An AttentionObserver when the block's q or k projection is learned-rounded with the attention-aware
-    objective (spec §4.4), else None."""
-    layout = attention_layout(block)
-    if layout is None:
-        return None
-    wanted = [chosen[n][2] for n in (layout.query, layout.key) if n in chosen]
-    if not any(eff.attention_aware and eff.rounding.endswith("llr") for eff in wanted):
-        return None
-    return AttentionObserver(block, layout, kwargs, prefix)
-
-
-def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None, progress: bool = True, log=print,
-                   on_block_done=None, state=None, streamer=None) -> tuple[list[LayerRecord], dict]:
-    """Quantize every linear layer inside the decoder blocks of `model` in place, each with its effective recipe
-    (`Recipe.for_module`: ignore list, then the first matching override); norms stay in full precision, and so
-    do the token embedding and the lm_head unless opted in (calib/ends.py). Returns the per-layer records and
-    {module name: (codebook, params)}.
-
-    state: a `RunState` (calib/resume.py): finished blocks are restored from it instead of recomputed, and
-    every block finished here is committed to it. The ends are not committed: they are recomputed exactly
-    (the embedding is data-free, the head depends only on the restored blocks and the calibration windows).
-    streamer: for models larger than memory, an object with `load(block_name)`, called before a block is
-    touched, and `done(block_name, block_params)`, called once the block is finished and propagated (it packs
-    the block, dropping its float weights). None: the whole model is in memory."""
-    torch.manual_seed(recipe.seed)
-    blocks = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    codebook_of = functools.cache(make_codebook)   # one codebook per distinct spec, shared by its layers
-    params, start, records = {}, 0, []
-    embedding, head = opted_in_ends(model, recipe, log)
-    if embedding is not None:  # before calibration: the blocks then see the embeddings the quantized model uses
-        name, module, eff = embedding
-        rec, p = quantize_embedding(name, module, eff, codebook_of(eff.codebook))
-        records.append(rec)
-        params[name] = (codebook_of(eff.codebook), p)
-        if log:
-            log(rec.line())
-    if state is not None and state.done:
-        restored_params, restored = state.restore(model, prefix, lambda n: codebook_of(recipe.for_module(n).codebook),
-                                                    streamer)
-        params.update(restored_params)
-        start = state.done
-        records += [LayerRecord(**{**r, "shape": tuple(r["shape"]), "s_range": tuple(r["s_range"]),
-                                   "k_hist": {int(k): v for k, v in r["k_hist"].items()}}) for r in state.records]
-        if log:
-            log(f"resuming after block {start - 1}: {len(restored_params)} layers restored from {state.folder}")
-    inputs, kwargs, fp_inputs = None, None, None
-    if recipe.needs_calibration and start < len(blocks):
-        if calib is None:
-            raise ValueError("this recipe needs calibration windows")
-        captured = capture_block_inputs(model, calib)   # also the kwargs (masks, positions) every block takes
-        inputs, kwargs = (restored["hidden"] if start else captured.hidden), captured.kwargs
-        if recipe.fp_target:  # the full-precision model's own stream, the target of every layer (calib/hessian.py)
-            fp_inputs = restored["fp_hidden"] if start else captured.hidden.clone()
-    bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block")
-    for b in bar:
-        block = blocks[b]
-        if streamer is not None:
-            streamer.load(f"{prefix}.{b}")
-        chosen = {}  # block-relative name -> (full name, layer, effective recipe); ignored layers left out
-        for name, layer in linear_layers(block).items():
-            eff = recipe.for_module(f"{prefix}.{b}.{name}")
+    def chosen_sites(self, block) -> dict:
+        """{site name: (site, effective recipe)}; sites kept in full precision (ignore) are left out. A site
+        without input statistics (an embedding) is rounded to nearest, data-free."""
+        chosen = {}
+        for site in block.sites:
+            eff = self.recipe.for_module(site.name)
             if eff is not None:
-                chosen[name] = (f"{prefix}.{b}.{name}", layer, eff)
-        t0 = time.perf_counter()
-        calibrated = {n: layer for n, (_, layer, eff) in chosen.items() if eff.needs_calibration}
-        observer = _attention_observer(block, chosen, kwargs, f"{prefix}.{b}.") if inputs is not None else None
-        # A layer's time grows with its weight count, so the inner bar counts weights: its ETA holds across the
-        # small attention projections and the large MLP ones.
-        layer_bar = tqdm(total=sum(layer.weight.numel() for _, layer, _ in chosen.values()), desc=f"block {b}",
-                         unit="w", unit_scale=True, leave=False, disable=not progress)
-        block_records, block_params = [], {}
+                chosen[site.name] = (site, eff if site.takes_inputs else replace(eff, rounding="rtn"))
+        return chosen
 
-        def quantize_group(names, hessians, factors):
-            for name in names:
-                full, layer, eff = chosen[name]
+    def _needs_data(self, chosen: dict) -> bool:
+        return any(site.takes_inputs and eff.needs_calibration for site, eff in chosen.values())
+
+    def inputs_for(self, index: int, block, chosen: dict):
+        """(inputs, kwargs, fp inputs) of the block, or (None, {}, None) when no site of it needs data."""
+        chained_calib = block.chained and self.recipe.needs_calibration
+        if not (chained_calib or self._needs_data(chosen)):
+            return None, {}, None
+        if self.data is None:
+            raise LogartError(f"{block.name} needs calibration data for this recipe, and none was given.",
+                              "pass calibration windows (or use a data-free recipe such as log2-rtn).")
+        s = self.stream
+        if not block.chained:
+            return self.adapter.capture(self.model, block, self.data).hidden, {}, None
+        if s.kwargs is None:   # the first chained block of this run: also the kwargs every block takes
+            captured = self.adapter.capture(self.model, block, self.data)
+            s.kwargs = captured.kwargs
+            if s.inputs is None:
+                s.inputs = captured.hidden
+                if self.recipe.fp_target:  # the full-precision model's own stream, the target of every site
+                    s.fp_inputs = captured.hidden.clone()
+        return s.inputs, s.kwargs, s.fp_inputs
+
+    def observer(self, block, chosen: dict, kwargs: dict):
+        """An AttentionObserver when the block's q or k site is learned-rounded with the attention-aware
+        objective (spec §4.4), else None."""
+        wanted = [eff for site, eff in chosen.values() if site.role in ("query", "key")]
+        if not any(eff.attention_aware and eff.rounding.endswith("llr") for eff in wanted):
+            return None
+        attention = self.adapter.attention(block, kwargs)
+        if attention is None or not {attention.query, attention.key} & set(chosen):
+            return None
+        return AttentionObserver(attention, {s.name: s.module for s in block.sites})
+
+    def quantize_sites(self, names, chosen, hessians: dict, factors: dict, bars) -> None:
+        for name in names:
+            site, eff = chosen[name]
+            for bar in bars:
                 bar.set_postfix_str(name)
-                layer_bar.set_postfix_str(name)
-                cb = codebook_of(eff.codebook)
-                rec, p = quantize_linear(layer, cb, eff, hessians.get(name), name=full, G=factors.get(full))
-                block_records.append(rec)
-                block_params[full] = (cb, p)
-                layer_bar.update(layer.weight.numel())
-                if log:
-                    log(rec.line())
+            cb = self.codebook_of(eff.codebook)
+            rec, p = quantize_site(site, cb, eff, hessians.get(name), G=factors.get(name))
+            self.block_records.append(rec)
+            self.block_params[name] = (cb, p)
+            bars[-1].update(site.numel)
+            if self.log:
+                self.log(rec.line())
 
-        fp_block = copy.deepcopy(block) if fp_inputs is not None else None  # the block's full-precision copy
+    def quantize_block(self, index: int, block, bar) -> None:
+        chosen = self.chosen_sites(block)
+        inputs, kwargs, fp_inputs = self.inputs_for(index, block, chosen)
+        run = functools.partial(self.adapter.run, block, kwargs=kwargs)
+        calibrated = {n: s for n, (s, eff) in chosen.items() if eff.needs_calibration and s.takes_inputs}
+        observer = self.observer(block, chosen, kwargs) if inputs is not None else None
+        # A site's time grows with its weight count, so the inner bar counts weights: its ETA holds across small
+        # attention projections and large MLP ones.
+        layer_bar = tqdm(total=sum(s.numel for s, _ in chosen.values()), desc=block.name, unit="w",
+                         unit_scale=True, leave=False, disable=not self.progress)
+        bars = (bar, layer_bar)
+        self.block_records, self.block_params = [], {}
+        fp_block = copy.deepcopy(block.module) if fp_inputs is not None else None
         if inputs is None or not calibrated:
-            quantize_group(list(chosen), {}, {})
-        elif fp_inputs is None:
-            # All statistics from one pass of the unquantized block (the original's order, spec §4.3).
-            hessians = block_hessians(block, calibrated, inputs, kwargs, observer.hooks() if observer else ())
-            quantize_group(list(chosen), hessians, observer.factors() if observer else {})
+            self.quantize_sites(list(chosen), chosen, {}, {}, bars)
+        elif fp_block is None:
+            hooks = observer.hooks() if observer else ()
+            hessians = block_hessians(run, calibrated, inputs, hooks)
+            self.quantize_sites(list(chosen), chosen, hessians, observer.factors() if observer else {}, bars)
             del hessians
         else:
-            # Full-precision targets: each layer corrects the drift of its actual inputs, so a group's statistics
-            # are gathered after the groups before it in the block are quantized (otherwise o_proj and down_proj
-            # would correct again what q/k/v and gate/up already corrected), against the block's fp copy.
-            for g, group in enumerate(input_groups(block, {n: chosen[n][1] for n in chosen}, inputs[:1], kwargs)):
-                wanted = {n: calibrated[n] for n in group if n in calibrated}
-                hooks = observer.hooks() if (observer and g == 0) else ()
-                hessians = block_hessians(block, wanted, inputs, kwargs, hooks, fp_inputs, fp_block,
-                                          groups=[list(wanted)]) if wanted else {}
-                quantize_group(group, hessians, observer.factors() if (observer and g == 0) else {})
+            self.quantize_against_fp(block, chosen, calibrated, kwargs, (inputs, fp_inputs, fp_block), observer, bars)
         layer_bar.close()
-        if inputs is not None:
-            inputs = propagate(block, inputs, kwargs)
-        if fp_block is not None:
-            fp_inputs = propagate(fp_block, fp_inputs, kwargs)
-            del fp_block
-        records += block_records
-        params.update(block_params)
-        if state is not None:
-            state.commit_block(b, {n: model.get_submodule(n).weight for n in block_params}, block_params,
-                               [r.to_dict() for r in block_records], inputs, fp_inputs)
-        if streamer is not None:
-            streamer.done(f"{prefix}.{b}", block_params)
-        if on_block_done is not None:
-            on_block_done(b, time.perf_counter() - t0)
-    if head is not None:  # last: its inputs are the quantized model's final hidden states
-        name, module, eff = head
-        torch.manual_seed(recipe.seed)  # the same state whether or not this run resumed
-        rec, p = quantize_head(model, name, module, eff, codebook_of(eff.codebook), calib)
-        records.append(rec)
-        params[name] = (codebook_of(eff.codebook), p)
-        if log:
-            log(rec.line())
-    return records, params
+        if self.reconstruct is not None and inputs is not None and calibrated:
+            self.reconstruct(self, block, chosen, inputs, kwargs, fp_inputs)
+        if block.chained and inputs is not None:
+            self.stream.inputs = propagate(run, inputs)
+            if fp_block is not None:
+                fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
+                self.stream.fp_inputs = propagate(fp_run, fp_inputs)
+
+    def quantize_against_fp(self, block, chosen, calibrated, kwargs, streams, observer, bars):
+        """Full-precision targets: each group's statistics are gathered after the groups before it in the block
+        are quantized (otherwise o_proj and down_proj would correct again what q/k/v and gate/up already
+        corrected), against the block's full-precision copy."""
+        inputs, fp_inputs, fp_block = streams
+        run = functools.partial(self.adapter.run, block, kwargs=kwargs)
+        fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
+        fp_modules = {n: fp_block.get_submodule(_relative(n, block.name)) for n in calibrated}
+        for g, group in enumerate(input_groups(run, {n: s for n, (s, _) in chosen.items()}, inputs[:1])):
+            wanted = {n: calibrated[n] for n in group if n in calibrated}
+            hooks = observer.hooks() if (observer and g == 0) else ()
+            hessians = block_hessians(run, wanted, inputs, hooks, fp_inputs, fp_run, fp_modules,
+                                      groups=[list(wanted)]) if wanted else {}
+            self.quantize_sites(group, chosen, hessians, observer.factors() if (observer and g == 0) else {}, bars)
+
+    def restore(self, plan) -> int:
+        """Blocks finished by an interrupted run, written back from the state; the index to continue from."""
+        if self.state is None or not self.state.done:
+            return 0
+        chained = {b.name for b in plan if b.chained}
+        restored, saved = self.state.restore(
+            self.model, [b.name for b in plan], lambda n: self.codebook_of(self.recipe.for_module(n).codebook),
+            self.streamer, chained)
+        self.params.update(restored)
+        self.records += [LayerRecord.from_dict(r) for r in self.state.records]
+        if saved is not None:
+            self.stream.inputs, self.stream.fp_inputs = saved["hidden"], saved.get("fp_hidden")
+        if self.log:
+            self.log(f"resuming after block {self.state.done - 1}: {len(restored)} layers restored from "
+                     f"{self.state.folder}")
+        return self.state.done
+
+    def commit(self, index: int, block) -> None:
+        self.records += self.block_records
+        self.params.update(self.block_params)
+        if self.state is not None:
+            weights = {n: self.model.get_submodule(n).weight for n in self.block_params}
+            self.state.commit_block(index, weights, self.block_params, [r.to_dict() for r in self.block_records],
+                                    self.stream.inputs, self.stream.fp_inputs)
+        if self.streamer is not None and block.chained:
+            self.streamer.done(block.name, self.block_params)
+
+    def run(self, on_block_done=None) -> tuple[list[LayerRecord], dict]:
+        torch.manual_seed(self.recipe.seed)
+        self.adapter.prepare(self.model)
+        plan = self.adapter.plan(self.model)
+        start = self.restore(plan)
+        bar = tqdm(range(start, len(plan)), desc="blocks", disable=not self.progress, unit="block")
+        for index in bar:
+            block = plan[index]
+            t0 = time.perf_counter()
+            if self.streamer is not None and block.chained:
+                self.streamer.load(block.name)
+            self.quantize_block(index, block, bar)
+            self.commit(index, block)
+            if on_block_done is not None:
+                on_block_done(index, time.perf_counter() - t0)
+        return self.records, self.params
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1:] if name != prefix else ""
+
+
+def quantize_blocks(model, adapter, recipe: Recipe, data, progress: bool = True, log=print, on_block_done=None,
+                    state=None, streamer=None, reconstruct=None) -> tuple[list[LayerRecord], dict]:
+    """Quantize every weight site the adapter lists, in place, each with its effective recipe
+    (`Recipe.for_module`: ignore list, then the first matching override). Returns the per-site records and
+    {site name: (codebook, params)}, what `save_quantized` packs.
+
+    data: what `adapter.capture` runs through the model (token windows for LMs, image batches for CNNs/ViTs);
+    None for data-free recipes. state: a `RunState` (calib/resume.py) that makes the run resumable. streamer:
+    for models larger than memory, `load(block name)` before a chained block is touched and `done(block name,
+    block params)` once it is finished (it packs the block, dropping its float weights). reconstruct: block
+    reconstruction after the sites of a block are quantized (calib/reconstruct.py)."""
+    driver = BlockDriver(model, adapter, recipe, data, progress, log, state, streamer, reconstruct)
+    return driver.run(on_block_done)

@@ -1,4 +1,4 @@
-"""One linear layer: statistics -> codebook parameters (search) -> codes (rounding) -> weights written back."""
+"""One weight site: statistics -> codebook parameters (search) -> codes (rounding) -> weights written back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from logart.models.roles import is_qkv
+from logart.calib.record import LayerRecord
 from logart.quant import make_codebook
 from logart.quant.rows import padded_width
 from logart.rounding import LLRConfig, QuadraticLoss, gptq, hessian_loss, learned_rounding, rtn
@@ -50,15 +50,14 @@ def _asymmetry_per_row(cb, W, score, recipe, found):
     return merged, int(pick.sum())
 
 
-def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str = "", G=None):
-    """Quantize `layer` in place. `hessian`: its HessianAccumulator (None for data-free recipes). `G`: per-head
-    attention factors [heads, head_dim, head_dim] for a q/k projection; with `recipe.attention_aware` LLR
-    minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ) (spec §4.4). Returns (LayerRecord, params)."""
-    from logart.calib.driver import LayerRecord  # the record type lives with the driver that prints it
-
+def quantize_site(site, cb, recipe, hessian=None, G=None):
+    """Quantize the weight of `site` (a WeightSite, models/sites.py) in place. `hessian`: the HessianAccumulator
+    of its input rows (None: data-free). `G`: per-head attention factors [heads, head_dim, head_dim] for a q/k
+    projection; with `recipe.attention_aware` LLR minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ)
+    (spec §4.4). Returns (LayerRecord, params)."""
     t0 = time.perf_counter()
     G = G if recipe.attention_aware and recipe.rounding.endswith("llr") else None
-    W = layer.weight.detach().float().clone()
+    W = site.matrix()
     H, dead = None, None
     if hessian is not None:
         H, dead = hessian.finalize(damp=recipe.damp)
@@ -77,7 +76,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
         rounded = rtn(W, cb, params)
     kept = None
     if recipe.rounding.endswith("llr"):
-        lam = recipe.llr_lambda_qkv if is_qkv(name) else recipe.llr_lambda
+        lam = recipe.llr_lambda_qkv if site.role in ("query", "key", "value", "qkv") else recipe.llr_lambda
         config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
         learned = learned_rounding(W, H, cb, params, source=rounded.source, G=G, config=config)
         # LLR chooses between the two neighbours of its source; after GPTQ it can end above GPTQ's own error
@@ -88,7 +87,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
         else:
             kept = "gptq"
     W_hat = rounded.weight.reshape(W.shape)
-    layer.weight.data.copy_(W_hat[:, :layer.weight.shape[1]].to(layer.weight.dtype))
+    site.write(W_hat)
     if H is not None:
         after = hessian_loss(W_hat - W, H)
         before = found.baseline_loss if recipe.score == "hessian" else float("nan")
@@ -96,7 +95,7 @@ def quantize_linear(layer: torch.nn.Linear, cb, recipe, hessian=None, name: str 
         after = float((W_hat - W).pow(2).sum())
         before = found.baseline_loss
     s = found.s.float()
-    record = LayerRecord(name=name, shape=tuple(W.shape), k_hist=_k_hist(found),
+    record = LayerRecord(name=site.name, shape=tuple(W.shape), k_hist=_k_hist(found),
                          s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
                          extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,

@@ -63,16 +63,17 @@ class RunState:
     def _inputs_path(self, block: int) -> Path:
         return self.folder / f"inputs-{block:04d}.safetensors"
 
-    def restore(self, model, prefix: str, codebook_of, streamer=None) -> tuple[dict, dict | None]:
+    def restore(self, model, block_names: list[str], codebook_of, streamer=None, streamed=()) -> tuple[dict, dict | None]:
         """Write the finished blocks' weights back into `model`; return their params and the saved inputs of
         the first unfinished block ({"hidden": quantized model's, "fp_hidden": full-precision model's, with
-        full-precision targets}; None for data-free runs). `codebook_of(module name)`: that module's
-        codebook (re-resolved from the recipe, which the fingerprint pins down). `streamer`: see
-        `quantize_model`."""
+        full-precision targets}; None when none were saved). `block_names`: the names of the run's blocks in
+        order. `codebook_of(module name)`: that module's codebook (re-resolved from the recipe, which the
+        fingerprint pins down). `streamer`: loads and packs the blocks named in `streamed` (see the driver)."""
         params = {}
         for b in range(self.done):
-            if streamer is not None:
-                streamer.load(f"{prefix}.{b}")
+            streaming = streamer is not None and block_names[b] in streamed
+            if streaming:
+                streamer.load(block_names[b])
             saved = load_file(str(self.folder / f"block-{b:04d}.safetensors"))
             names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight"))
             block_params = {}
@@ -82,8 +83,8 @@ class RunState:
                 fields = {f.name: saved[f"{name}.param.{f.name}"] for f in dataclasses.fields(codebook.params_type)}
                 block_params[name] = (codebook, codebook.params_type(**fields))
             params.update(block_params)
-            if streamer is not None:
-                streamer.done(f"{prefix}.{b}", block_params)
+            if streaming:
+                streamer.done(block_names[b], block_params)
         path = self._inputs_path(self.done)
         inputs = load_file(str(path)) if self.done and path.is_file() else None
         return params, inputs

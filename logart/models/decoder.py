@@ -9,12 +9,12 @@ nested inside a block (MoE experts) always hold fewer parameters than the list o
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from logart.calib.hooks import StopForward
 from logart.errors import LogartError
+from logart.models.adapter import BlockInputs
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -45,23 +45,6 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     GPT-2's `Conv1D` is not an `nn.Linear` (its weight is transposed) and is not returned.
     """
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-class _StopForward(Exception):
-    """Raised by a pre-hook once the forward has reached every module it was run for: nothing after them needs
-    to run."""
-
-
-@dataclass
-class BlockInputs:
-    """What the first block receives: `hidden[n, seqlen, d]` (fp32, one row per window, on the CPU) and the
-    keyword arguments of its call (attention mask, position ids / embeddings, cache switched off).
-
-    The kwargs are the first window's; with batch 1 and one seqlen they are the same for every window.
-    """
-
-    hidden: torch.Tensor
-    kwargs: dict
 
 
 def _detach(value):
@@ -96,7 +79,7 @@ def run_until(model: nn.Module, module: nn.Module, windows: torch.Tensor, on_inp
             on_input(args, kw)
         else:
             on_input(args)
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
     try:
@@ -106,44 +89,20 @@ def run_until(model: nn.Module, module: nn.Module, windows: torch.Tensor, on_inp
             for window in windows:
                 try:
                     model(input_ids=window[None].to(device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         handle.remove()
 
 
-def forward_until_seen(module: nn.Module, x: torch.Tensor, kwargs: dict, layers: dict, on_input,
-                       stop_early: bool) -> None:
-    """Run `module(x, **kwargs)` calling `on_input(name, input)` before each module of `layers` ({name: module});
-    with `stop_early`, stop the forward as soon as every one of them has been reached (decoder blocks call each
-    linear once per forward). What `on_input` sees is the same either way; only the unneeded tail is skipped."""
-    pending = set(layers)
-
-    def pre(name):
-        def hook(_m, args):
-            on_input(name, args[0])
-            pending.discard(name)
-            if stop_early and not pending:
-                raise _StopForward
-        return hook
-
-    handles = [layers[n].register_forward_pre_hook(pre(n)) for n in layers]
-    try:
-        module(x, **kwargs)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> BlockInputs:
-    """Run each window (batch 1) into the first block and record its inputs, then stop the forward.
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, block: nn.Module | None = None) -> BlockInputs:
+    """Run each window (batch 1) into `block` (default: the first decoder block) and record its inputs, then stop
+    the forward.
 
     A forward pre-hook with `with_kwargs=True` sees exactly what the model passes to its first block,
     whatever the architecture: no per-model "Catcher" class as in the reference code.
     """
-    first = decoder_layers(model)[0]
+    first = decoder_layers(model)[0] if block is None else block
     hidden: list[torch.Tensor] = []
     kwargs: dict = {}
 
