@@ -56,6 +56,9 @@ class BlockDriver:
         self.records: list[LayerRecord] = []
         self.params: dict = {}
         self.stream = _Stream()
+        # The full-precision stream: the target of every site (full-precision targets) or of every block
+        # (reconstruction).
+        self.carries_fp = bool(recipe.fp_target) or reconstruct is not None
 
     def chosen_sites(self, block) -> dict:
         """{site name: (site, effective recipe)}; sites kept in full precision (ignore) are left out. A site
@@ -86,7 +89,7 @@ class BlockDriver:
             s.kwargs = captured.kwargs
             if s.inputs is None:
                 s.inputs = captured.hidden
-                if self.recipe.fp_target:  # the full-precision model's own stream, the target of every site
+                if self.carries_fp:  # the full-precision model's own stream: targets of sites and blocks
                     s.fp_inputs = captured.hidden.clone()
         return s.inputs, s.kwargs, s.fp_inputs
 
@@ -126,10 +129,10 @@ class BlockDriver:
                          unit_scale=True, leave=False, disable=not self.progress)
         bars = (bar, layer_bar)
         self.block_records, self.block_params = [], {}
-        fp_block = copy.deepcopy(block.module) if fp_inputs is not None else None
+        fp_block = copy.deepcopy(block.module) if (fp_inputs is not None or self.reconstruct) else None
         if inputs is None or not calibrated:
             self.quantize_sites(list(chosen), chosen, {}, {}, bars)
-        elif fp_block is None:
+        elif fp_inputs is None or not self.recipe.fp_target:
             hooks = observer.hooks() if observer else ()
             hessians = block_hessians(run, calibrated, inputs, hooks)
             self.quantize_sites(list(chosen), chosen, hessians, observer.factors() if observer else {}, bars)
@@ -138,10 +141,10 @@ class BlockDriver:
             self.quantize_against_fp(block, chosen, calibrated, kwargs, (inputs, fp_inputs, fp_block), observer, bars)
         layer_bar.close()
         if self.reconstruct is not None and inputs is not None and calibrated:
-            self.reconstruct(self, block, chosen, inputs, kwargs, fp_inputs)
+            self.reconstruct(self, block, chosen, inputs, kwargs, fp_inputs, fp_block)
         if block.chained and inputs is not None:
             self.stream.inputs = propagate(run, inputs)
-            if fp_block is not None:
+            if fp_inputs is not None:
                 fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
                 self.stream.fp_inputs = propagate(fp_run, fp_inputs)
 

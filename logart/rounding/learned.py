@@ -37,13 +37,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from logart.errors import LogartError
-from logart.quant.table import encode_rows
+from logart.rounding.soft import SoftRounding
 from logart.rounding.tables import LayerTables, Rounded, weight_matrix
-
-TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -88,88 +85,6 @@ class LLRConfig:
     def lr_at(self, i: int) -> float:
         lo = self.lr * self.lr_min_ratio
         return lo + (self.lr - lo) * (1 + math.cos(math.pi * i / self.iters)) / 2
-
-
-class Bracket:
-    """The two candidate levels of every weight and the soft path between them (all [O, I]):
-
-        soft(h) = base * exp(h d) + slope * h
-
-    A log pair has slope 0 and d = log(|up| / |down|); a linear pair (uniform codebooks, and in `linear`
-    zero-segment mode the segment between 0 and the smallest level) has d = 0. `jump` marks log pairs whose
-    down level is the virtual level below the smallest one: there h = 0 means 0."""
-
-    def __init__(self, tables: LayerTables, src: torch.Tensor, log: bool, zero_segment: str = "linear"):
-        self.log = log
-        lo_c, hi_c = tables.neighbours(src)
-        if not log:
-            self.down_c, self.up_c = lo_c, hi_c
-            self.base = tables.decode(lo_c)
-            self.slope = tables.decode(hi_c) - self.base
-            self.frac = _fraction(src - self.base, self.slope)
-            return
-        neg = src < 0
-        sign = torch.sign(src)
-        down_c, up_c = torch.where(neg, hi_c, lo_c), torch.where(neg, lo_c, hi_c)
-        m_down, m_up = tables.decode(down_c).abs(), tables.decode(up_c).abs()
-        valid = (sign != 0) & (m_up > 0)
-        zb_pos, zb_neg = (tables.per_row(v) for v in _zero_bounds(tables))
-        zb = torch.where(neg, zb_neg, zb_pos)
-        zero = valid & (m_down == 0)
-        frozen = zero & (zb <= TINY)          # this sign never rounds to 0: the smallest level is a floor
-        down_c = torch.where(frozen, up_c, down_c)
-        m_down = torch.where(frozen, m_up, m_down)
-        zero &= ~frozen
-        lin = zero if zero_segment == "linear" else torch.zeros_like(zero)
-        self.jump = zero & ~lin
-        # The virtual level below the smallest one: its geometric midpoint with it is the codebook's own zero
-        # threshold (reference mode: exactly one ladder step down, as in the original).
-        m_low = torch.where(self.jump, zb * zb / m_up.clamp(min=TINY), m_down)
-        pair = valid & ~lin
-        one = torch.ones_like(m_up)
-        l_up = torch.log(torch.where(pair, m_up, one))
-        l_down = torch.log(torch.where(pair, m_low, one))
-        self.down_c, self.up_c = down_c, up_c
-        self.d = l_up - l_down
-        self.base = torch.where(pair, sign * m_low, torch.zeros_like(m_up))
-        self.slope = torch.where(lin, sign * m_up, torch.zeros_like(m_up))
-        self.has_jump, self.has_linear = bool(self.jump.any()), bool(lin.any())
-        frac_log = _fraction(torch.log(src.abs()) - l_down, self.d)
-        self.frac = torch.where(lin, _fraction(src.abs(), m_up), frac_log)
-
-    def align(self, tables: LayerTables, nearest: torch.Tensor) -> None:
-        """Move the starting fractions just enough that h >= 0.5 picks the codebook's own nearest level
-        `nearest` [O, I] wherever that is one of the two neighbours (exact ties, thresholds that are not the
-        midpoint of the interpolation)."""
-        down, up = tables.decode(self.down_c), tables.decode(self.up_c)
-        to_down = (nearest == down) & (nearest != up) & (self.frac >= 0.5)
-        to_up = (nearest == up) & (nearest != down) & (self.frac < 0.5)
-        self.frac = torch.where(to_down, torch.full_like(self.frac, 0.5 - 1e-3), self.frac)
-        self.frac = torch.where(to_up, torch.full_like(self.frac, 0.5), self.frac)
-
-    def hard_codes(self, up: torch.Tensor) -> torch.Tensor:
-        return torch.where(up, self.up_c, self.down_c)
-
-
-def _fraction(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den clamped to [0, 1]; 0 where den is 0 (both neighbours are the same level)."""
-    ok = den > 0
-    return torch.where(ok, (num / torch.where(ok, den, torch.ones_like(den))).clamp(0, 1), torch.zeros_like(num))
-
-
-def _zero_bounds(tables: LayerTables) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per table row, the magnitude below which positive / negative weights round to zero (0 where the row
-    has no zero code reachable from that sign, e.g. the pure-sqrt(2) `log_dynamic` book)."""
-    lv, bd = tables.levels, tables.bounds
-    R, M = lv.shape
-    zc = encode_rows(torch.zeros(R, 1, device=lv.device), bd)
-    is_zero = torch.gather(lv, 1, zc).squeeze(1) == 0
-    zc = zc.squeeze(1)
-    upper = torch.gather(bd, 1, zc.clamp(max=M - 2)[:, None]).squeeze(1)
-    lower = torch.gather(bd, 1, (zc - 1).clamp(min=0)[:, None]).squeeze(1)
-    pos = torch.where(is_zero & (zc < M - 1), upper.clamp(min=0), torch.zeros_like(upper))
-    neg = torch.where(is_zero & (zc > 0), (-lower).clamp(min=0), torch.zeros_like(lower))
-    return pos, neg
 
 
 class QuadraticLoss:
@@ -220,46 +135,21 @@ class QuadraticLoss:
 class Objective:
     """The LLR loss as a function of V, with its gradient written out (see the module doc). Constant factors
     (2 from the quadratic, ζ - γ from h) are folded into precomputed tensors, so that an iteration is one
-    matmul and about twenty elementwise passes."""
+    matmul and about twenty elementwise passes. h and the soft weights are the SoftRounding's (rounding/soft.py),
+    the same path that block reconstruction differentiates with autograd."""
 
-    def __init__(self, W: torch.Tensor, bracket: Bracket, loss: QuadraticLoss, cfg: LLRConfig):
-        self.W, self.br, self.loss, self.cfg = W, bracket, loss, cfg
-        self.span = span = cfg.zeta - cfg.gamma
-        c = 2.0 * span
-        self.slope_c = bracket.slope * c
-        self.d_c = bracket.d * c if bracket.log else None
-        if bracket.log and bracket.has_jump:  # float masks: bool-masked ops are several times slower on CPU
-            self.jump_f = bracket.jump.float()
-            self.not_jump = 1 - self.jump_f
+    def __init__(self, W: torch.Tensor, soft: SoftRounding, loss: QuadraticLoss, cfg: LLRConfig):
+        self.W, self.sr, self.br, self.loss, self.cfg = W, soft, soft.bracket, loss, cfg
+        self.span = soft.span
 
     def init_v(self) -> torch.Tensor:
-        """V with h(V) equal to the fractional position: sigmoid(V) = (frac - γ) / (ζ - γ)."""
-        return -torch.log(self.span / (self.br.frac - self.cfg.gamma) - 1)
-
-    def h(self, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(h, sigmoid(V), h before the clamp)."""
-        sig = torch.sigmoid(V)
-        h_lin = sig.mul(self.span).add_(self.cfg.gamma)
-        return F.hardtanh(h_lin, 0.0, 1.0), sig, h_lin
-
-    def soft(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(soft weights, 2 (ζ - γ) d soft / d h); soft = base exp(h d) + slope h."""
-        br = self.br
-        if not br.log:
-            return torch.addcmul(br.base, br.slope, h), self.slope_c
-        e = torch.mul(h, br.d).exp_().mul_(br.base)
-        if br.has_jump:  # h = 0 on a virtual level means 0: multiply by 1 - jump + jump sign(h)
-            e.mul_(torch.addcmul(self.not_jump, self.jump_f, torch.sign(h)))
-        if not br.has_linear:
-            return e, e * self.d_c
-        coef = torch.addcmul(self.slope_c, e, self.d_c)
-        return e.addcmul_(br.slope, h), coef
+        return self.sr.init_v()
 
     def grad(self, V: torch.Tensor, beta: float | None, want_value: bool = False):
         """(d total / d V, reconstruction loss, regulariser); the losses only with want_value.
         beta None: warm-up, regulariser off."""
-        h, sig, h_lin = self.h(V)
-        soft, coef = self.soft(h)
+        h, sig, h_lin = self.sr.h(V)
+        soft, coef = self.sr.soft(h)
         dw = soft.sub_(self.W)
         P = self.loss.product(dw)
         rec = self.loss.value(dw, P) if want_value else None
@@ -308,9 +198,9 @@ def learned_rounding(w: torch.Tensor, H: torch.Tensor, cb, params, *, source: to
                           "pass the GPTQ-updated weight of this same layer as source.")
     O, I = W.shape
     loss = QuadraticLoss(H, O, I, W.device, G)
-    bracket = Bracket(tables, src, cb.spec.is_log, cfg.zero_segment_for(cb.spec))
-    bracket.align(tables, weight_matrix(cb.fake_quant(src.reshape(w.shape), params)))
-    obj = Objective(W, bracket, loss, cfg)
+    soft = SoftRounding(tables, src, cb.spec.is_log, cfg.zero_segment_for(cb.spec), cfg.gamma, cfg.zeta)
+    soft.bracket.align(tables, weight_matrix(cb.fake_quant(src.reshape(w.shape), params)))
+    obj = Objective(W, soft, loss, cfg)
     V = obj.init_v()
     opt = _adam(V, cfg.lr)
     history = []

@@ -1,0 +1,189 @@
+"""Block reconstruction (BRECQ, with QDrop's input mixing as an option; spec related-methods §2.4-2.5).
+
+After the driver has searched every site's codebook parameters (and rounded layer by layer), the rounding of
+every weight of the block is learned *together*, against the block's output:
+
+    min_V  loss(block_q(x), block_fp(x_fp)) + λ Σ_sites Σ (1 - |2h - 1|^β)
+
+with each weight on the soft path between its two neighbouring levels (rounding/soft.py, the same relaxation as
+layer-wise LLR; log codebooks interpolate the exponent). block_fp is the block's full-precision copy and x_fp its
+full-precision inputs (the driver carries that stream while reconstruction is on); x is what the quantized model
+feeds the block, or with QDrop (`qdrop = p`) each element is the full-precision one with probability p.
+
+    loss "mse"  Σ (y_q - y_fp)² per sample (BRECQ's), averaged over the batch
+    loss "nlc"  -log cos(y_q, y_fp) per sample (LRQuant's negative log of the cosine similarity), scaled by the
+                number of output elements of one sample so that λ weighs it as it weighs the MSE
+
+Adam on V, cosine learning rate, β from 20 to 2 after a warm-up without the regulariser (the original's CNN
+settings, scaled down by `iters`). The learned hard rounding is kept only if it lowers the block's output error
+over the calibration samples against the layer-wise result; every site's record says which was kept.
+`steps`: the place for learnable activation step sizes (LSQ-style): a function of the block returning extra
+parameters that the same optimiser trains (none by default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from logart.errors import LogartError
+from logart.quant.rows import padded_width
+from logart.rounding.learned import LLRConfig
+from logart.rounding.soft import SoftRounding
+from logart.rounding.tables import LayerTables, weight_matrix
+
+LOSSES = ("mse", "nlc")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    iters: int = 200
+    batch: int = 1            # samples per step
+    lr: float = 0.05
+    lr_min_ratio: float = 0.0
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    loss: str = "mse"
+    qdrop: float = 0.0        # probability that an input element is the full-precision one (QDrop); 0: off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise LogartError(f"unknown reconstruction loss {self.loss!r}.", f"use one of {', '.join(LOSSES)}.")
+        if not 0.0 <= self.qdrop <= 1.0:
+            raise LogartError(f"the QDrop probability must lie in [0, 1], got {self.qdrop}.", "use e.g. 0.5.")
+        if self.iters < 1 or self.batch < 1:
+            raise LogartError("block reconstruction needs at least one iteration of at least one sample.",
+                              "use e.g. iters=200, batch=1.")
+
+    def beta(self, i: int) -> float | None:
+        start = self.warmup * self.iters
+        if i < start:
+            return None
+        rel = (i - start) / max(self.iters - start, 1e-12)
+        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
+
+    def lr_at(self, i: int) -> float:
+        lo = self.lr * self.lr_min_ratio
+        return lo + (self.lr - lo) * (1 + math.cos(math.pi * i / self.iters)) / 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample loss, averaged over the batch (first dimension)."""
+    diff = (y - target).flatten(1)
+    if kind == "mse":
+        return diff.pow(2).sum(1).mean()
+    cos = nn.functional.cosine_similarity(y.flatten(1), target.flatten(1), dim=1, eps=1e-12)
+    return -(torch.log(cos.clamp(min=1e-12))).mean() * diff.shape[1]
+
+
+class _Call(nn.Module):
+    """The adapter's block call as a module, so that `torch.func.functional_call` can put soft weights in."""
+
+    def __init__(self, adapter, block, kwargs):
+        super().__init__()
+        self.adapter, self.block, self.kwargs = adapter, block, kwargs
+        self.m = block.module
+
+    def forward(self, x):
+        return self.adapter.run(self.block, x, self.kwargs)
+
+
+class BlockReconstruction:
+    """The driver's `reconstruct` step (calib/driver.py): called once per block after its sites are quantized."""
+
+    def __init__(self, config: ReconstructConfig = ReconstructConfig(), steps=None, progress: bool = True):
+        self.config, self.steps, self.progress = config, steps, progress
+
+    def _soft_weights(self, driver, block, chosen, fp_module) -> dict:
+        """{parameter name inside the block: (site, SoftRounding)} for every learned-rounded site, each bracket
+        around the site's full-precision weight and starting at the codebook's nearest level."""
+        softs = {}
+        for name, (site, eff) in chosen.items():
+            if name not in driver.block_params or not (site.takes_inputs and eff.needs_calibration):
+                continue
+            cb, params = driver.block_params[name]
+            rel = name[len(block.name) + 1:] if name != block.name else ""
+            W = weight_matrix(fp_module.get_submodule(rel).weight)
+            pad = padded_width(W.shape[1], cb.spec.group_size) - W.shape[1]
+            W = nn.functional.pad(W, (0, pad)) if pad else W
+            tables = LayerTables(W, cb, params)
+            sr = SoftRounding(tables, W, cb.spec.is_log, LLRConfig().zero_segment_for(cb.spec))
+            sr.bracket.align(tables, weight_matrix(cb.fake_quant(W, params)))
+            softs[f"m.{rel}.weight" if rel else "m.weight"] = (site, sr.start(), tables)
+        return softs
+
+    @torch.no_grad()
+    def _error(self, call, inputs, targets) -> float:
+        return sum(float(output_loss(call(inputs[i:i + 1]), targets[i:i + 1], "mse")) for i in range(inputs.shape[0]))
+
+    def __call__(self, driver, block, chosen, inputs, kwargs, fp_inputs, fp_module) -> None:
+        cfg = self.config
+        call = _Call(driver.adapter, block, kwargs)
+        fp_call = _Call(driver.adapter, type(block)(block.name, fp_module, []), kwargs)
+        x_fp = fp_inputs if fp_inputs is not None else inputs
+        with torch.no_grad():
+            targets = torch.cat([fp_call(x_fp[i:i + 1]) for i in range(x_fp.shape[0])])
+        softs = self._soft_weights(driver, block, chosen, fp_module)
+        if not softs:
+            return
+        layerwise = {key: site.weight.detach().clone() for key, (site, _, _) in softs.items()}
+        before = self._error(call, inputs, targets)
+        self._train(call, softs, inputs, x_fp, targets, block)
+        for site, sr, tables in softs.values():
+            site.write(tables.decode(tables.canonical(sr.hard_codes())))
+        after = self._error(call, inputs, targets)
+        kept = "reconstruction" if after < before else "layer-wise"
+        if kept == "layer-wise":
+            for key, (site, _, _) in softs.items():
+                site.weight.data.copy_(layerwise[key])
+        info = {"block_error_layerwise": before, "block_error_reconstructed": after, "kept": kept,
+                "config": cfg.to_dict()}
+        for rec in driver.block_records:
+            if rec.name in {site.name for site, _, _ in softs.values()}:
+                rec.extra["reconstruct"] = info
+        if driver.log:
+            driver.log(f"{block.name}: block reconstruction {before:.4g} -> {after:.4g}, kept the {kept} rounding")
+
+    def _train(self, call, softs, inputs, x_fp, targets, block) -> None:
+        frozen = [p for p in block.module.parameters() if p.requires_grad]
+        for p in frozen:       # only V (and any step sizes) learn; no gradient for the block's own parameters
+            p.requires_grad_(False)
+        try:
+            self._steps(call, softs, inputs, x_fp, targets, block)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _steps(self, call, softs, inputs, x_fp, targets, block) -> None:
+        cfg = self.config
+        extra = list(self.steps(block)) if self.steps else []
+        opt = torch.optim.Adam([sr.V for _, sr, _ in softs.values()] + extra, lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n = inputs.shape[0]
+        for it in tqdm(range(cfg.iters), desc=f"{block.name} reconstruction", leave=False, disable=not self.progress):
+            idx = torch.randint(0, n, (min(cfg.batch, n),), generator=gen)
+            x = inputs[idx]
+            if cfg.qdrop > 0:
+                keep_fp = torch.rand(x.shape, generator=gen) < cfg.qdrop
+                x = torch.where(keep_fp, x_fp[idx], x)
+            weights = {key: sr()[:, :site.columns].reshape(site.weight.shape) for key, (site, sr, _) in softs.items()}
+            y = torch.func.functional_call(call, weights, (x,))
+            loss = output_loss(y, targets[idx], cfg.loss)
+            beta = cfg.beta(it)
+            if beta is not None:
+                loss = loss + cfg.reg_weight * sum(sr.regulariser(beta) for _, sr, _ in softs.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(it)
+            opt.step()
