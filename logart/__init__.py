@@ -5,7 +5,7 @@
     model, tok = logart.load_quantized("out")
 """
 
-__version__ = "0.1.0"
+from logart.version import __version__  # noqa: F401
 
 # transformers' from_pretrained loads logart checkpoints once transformers is imported (logart/io/hf.py);
 # this only puts a finder on sys.meta_path, it imports nothing heavy.

@@ -37,7 +37,7 @@ def default_adapter(model, recipe: Recipe, log=print):
 
 
 def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
-             log=print, state=None, streamer=None, adapter=None, reconstruct=None,
+             log=print, state=None, streamer=None, adapter=None, reconstruction=None,
              **recipe_options) -> QuantizationResult:
     """Quantize the weight sites of `model` in place, block by block (calib/driver.py).
 
@@ -48,13 +48,19 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     state: a `logart.calib.resume.RunState` to make the run resumable (the CLI does this for --output).
     streamer: larger-than-memory runs load and pack one block at a time (see `logart.pipeline.PackAfterBlock`).
     adapter: the model family's adapter (models/adapter.py); default: a Hugging Face causal LM.
-    reconstruct: block reconstruction after each block's sites are quantized (calib/reconstruct.py).
+    reconstruction: a block reconstruction engine (calib/reconstruct.py) to use instead of the one the recipe's
+        `reconstruct="block"` option builds.
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
     adapter = adapter or default_adapter(model, recipe, log)
+    if reconstruction is None and recipe.reconstruct == "block":
+        from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig
+
+        reconstruction = BlockReconstruction(ReconstructConfig(iters=recipe.recon_iters, loss=recipe.recon_loss,
+                                                            qdrop=recipe.qdrop, seed=recipe.seed), progress=progress)
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
-                                     streamer=streamer, reconstruct=reconstruct)
+                                     streamer=streamer, reconstruct=reconstruction)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0)

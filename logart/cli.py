@@ -24,7 +24,7 @@ import time
 # (measured during the (k, s) search); it must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from logart.quant import LogartError
+from logart.errors import LogartError
 from logart.recipes import PRESETS, Override, make_recipe
 
 
@@ -52,6 +52,15 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                    help="every layer moves a fraction ALPHA (default 0.25) toward the full-precision model's output "
                         "on the full-precision inputs, so it also corrects the error of the blocks before it "
                         "(statistics gathered group by group; about 1.2x the quantization time of the logart recipe)")
+    p.add_argument("--reconstruct", choices=["none", "block"],
+                   help="block: after each block's layers are quantized, learn the rounding of all its weights "
+                        "together against the block's full-precision output (BRECQ; about 1 s per iteration and "
+                        "block on SmolLM2, 2 threads)")
+    p.add_argument("--recon-iters", type=int, help="block reconstruction iterations per block (default 200)")
+    p.add_argument("--recon-loss", choices=["mse", "nlc"],
+                   help="block output loss: mse (BRECQ, default) or nlc (negative log cosine similarity, LRQuant)")
+    p.add_argument("--qdrop", type=float, metavar="P",
+                   help="QDrop: each reconstruction input element is the full-precision one with probability P")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
@@ -91,7 +100,8 @@ def _recipe_from(args):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target"):
+    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
+                 "reconstruct", "recon_iters", "recon_loss", "qdrop"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

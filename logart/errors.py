@@ -1,5 +1,13 @@
-"""Re-export of the error type; it lives in quant/ because quant/ imports nothing else of ours."""
+"""The one error type users see. Every message names the problem and the fix.
 
-from logart.quant.errors import LogartError
+The only module of ours that quant/ imports: it depends on nothing.
+"""
 
-__all__ = ["LogartError"]
+
+class LogartError(ValueError):
+    """A problem with the user's input or files. The CLI prints it as one line and exits with code 2."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}" + (f" Fix: {fix}" if fix else ""))

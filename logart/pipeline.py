@@ -22,8 +22,9 @@ from logart.eval.perplexity import perplexity
 from logart.io.checkpoint import pack_model, refuse_to_overwrite, save_quantized
 from logart.models import detach_gguf, load_causal_lm
 from logart.models.streaming import open_streaming, parse_size, resident_bytes
-from logart.quant import LogartError
+from logart.errors import LogartError
 from logart.recipes import Recipe
+from logart.version import __version__
 from logart.report import append_csv, now, peak_rss_gb, versions, write_json
 
 
@@ -117,9 +118,8 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         log(f"override {i} (first match wins): /{rule.pattern}/ -> {settings}")
     state = None
     if opts.output:  # resumable: finished blocks survive an interruption in <output>.partial/
-        import logart
         state = RunState(Path(f"{opts.output}.partial"), fingerprint(
-            model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=logart.__version__,
+            model=opts.model, recipe=recipe.to_dict(), calib=calib, calib_source=opts.calib, logart=__version__,
             state_layout="plan"))  # block files are numbered by the adapter's plan, ends included
     result = quantize(model, recipe, calib, progress=opts.progress, log=log, state=state, streamer=streamer)
     if streamer is not None:

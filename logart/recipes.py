@@ -28,9 +28,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from logart.quant import QuantSpec, make_codebook
-from logart.quant.errors import LogartError
+from logart.errors import LogartError
 
 ROUNDINGS = ("rtn", "gptq", "llr", "gptq+llr")
+RECONSTRUCTIONS = ("none", "block")
 SEARCHES = ("fast", "exhaustive")
 OVERRIDE_KEYS = ("bits", "group_size", "method", "recipe")
 
@@ -99,6 +100,10 @@ class Recipe:
     attention_aware: bool = False    # LLR of q/k projections weighs errors by their effect on attention scores
     abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
     fp_target: float = 0.0           # α > 0: layers move toward the full-precision model's outputs (calib/hessian.py)
+    reconstruct: str = "none"        # "block": learn the rounding of each block's weights together (calib/reconstruct.py)
+    recon_iters: int = 200
+    recon_loss: str = "mse"          # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
+    qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
     damp: float = 0.01               # H += damp * mean(diag H) * I
     nsamples: int = 32
     seqlen: int = 2048
@@ -115,6 +120,11 @@ class Recipe:
             raise LogartError(f"unknown search {self.search!r}.", f"use one of {', '.join(SEARCHES)}.")
         if self.score not in ("hessian", "weight"):
             raise LogartError(f"unknown search score {self.score!r}.", "use 'hessian' or 'weight'.")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise LogartError(f"unknown reconstruction {self.reconstruct!r}.", f"use one of {', '.join(RECONSTRUCTIONS)}.")
+        if self.recon_loss not in ("mse", "nlc") or self.recon_iters < 1 or not 0.0 <= self.qdrop <= 1.0:
+            raise LogartError(f"invalid block reconstruction settings (loss {self.recon_loss!r}, {self.recon_iters} "
+                              f"iterations, QDrop {self.qdrop}).", "use loss mse or nlc, iterations >= 1, QDrop in [0, 1].")
         if not 0.0 <= self.fp_target <= 1.0:
             raise LogartError(f"the full-precision target strength must lie in [0, 1], got {self.fp_target}.",
                               "use e.g. --fp-target 0.25 (0 turns it off).")
@@ -171,9 +181,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        """Data is needed to score a search or to round (by this recipe or by any override); a single
-        candidate with RTN is data-free."""
-        own = (self.score == "hessian" and self.searches) or self.rounding != "rtn"
+        """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
+        single candidate with RTN is data-free."""
+        own = (self.score == "hessian" and self.searches) or self.rounding != "rtn" or self.reconstruct != "none"
         return own or any(self._apply(r).needs_calibration for r in self.overrides)
 
     def to_dict(self) -> dict:
@@ -188,14 +198,13 @@ def _log(bits, group_size, mode, **kw):
 
 
 # Settings shared by the whole run, which an override's preset does not replace.
-_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp", "fp_target")
+_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp", "fp_target", "reconstruct", "recon_iters", "recon_loss", "qdrop")
 
 PRESETS = {
     # The paper's full recipe: DBS + SFS + ABS + LLR, with the original's optional GPTQ initialisation
-    # (`--optq_init --act_order`): measured on SmolLM2 layers, act-order GPTQ alone beats 500-iteration LLR on
-    # the H-weighted error, and 200 iterations keep 85-95 % of LLR's 500-iteration gain at 40 % of the time.
-    # Beyond the paper, every layer also moves a quarter of the way toward the full-precision model's output
-    # (`fp_target`, calib/hessian.py): SmolLM2 W3 per channel 48.78 -> 38.87 for 1.22x the time (docs/RESULTS.md).
+    # (`--optq_init --act_order`), which LLR refines from the GPTQ codes; 200 LLR iterations instead of 500
+    # because the gain saturates early. Beyond the paper, every layer also moves a quarter of the way toward the
+    # full-precision model's output (`fp_target`, calib/hessian.py). Measurements: docs/RESULTS.md.
     "logart": lambda b, g, m: Recipe("logart", _log(b, g, m), rounding="gptq+llr", act_order=True, llr_iters=200,
                                      fp_target=0.25),
     # Everything but learned rounding: minutes rather than tens of minutes.
@@ -223,12 +232,3 @@ def make_recipe(name: str = "logart", bits: int = 4, group_size: int = -1, mode:
         raise LogartError(f"unknown recipe option(s): {', '.join(sorted(unknown))}.",
                           f"valid options: {', '.join(sorted(Recipe.__dataclass_fields__))}.")
     return replace(recipe, **overrides)
-
-
-def ablation_recipe(dbs: bool, sfs: bool, abs_: bool, llr: bool, bits: int = 3, group_size: int = -1,
-                    mode: str = "strict") -> Recipe:
-    """One row of the LogART README ablation table (spec §9.1). DBS off means log2; ABS off means symmetric."""
-    spec = _log(bits, group_size, mode, method="log_dynamic" if dbs else "log2", symmetric=not abs_)
-    tag = "".join(n for n, on in (("D", dbs), ("S", sfs), ("A", abs_), ("L", llr)) if on) or "base"
-    return Recipe(f"ablation-{tag}", spec, dbs=dbs, sfs=sfs, rounding="llr" if llr else "rtn",
-                  score="hessian" if (dbs or sfs) else "weight")

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import resource
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from logart.atomic import write_file
+
 
 def versions() -> dict:
     import transformers
 
-    import logart
-    return {"logart": logart.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    from logart.version import __version__
+    return {"logart": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
 
 
@@ -63,20 +63,16 @@ def append_csv(path, row: dict) -> None:
             csv.DictWriter(f, fieldnames=header).writerow(row)
         return
     header += new_cols
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        for r in rows + [row]:
-            w.writerow(r)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            for r in rows + [row]:
+                w.writerow(r)
+
+    write_file(path, write)
 
 
 def write_json(path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, default=str)))

@@ -9,10 +9,11 @@ from logart import api
 from logart.calib.attention import AttentionObserver, QKMoments, rotate, unrotate_mean
 from logart.calib.stats import block_hessians
 from logart.models.hf_causal import HFCausalLM
-from logart.models import decoder_layers, linear_layers, tiny_causal_lm
+from logart.models import decoder_layers, tiny_causal_lm
 from logart.models.decoder import capture_block_inputs
 from logart.models.roles import attention_layout
-from logart.quant import LogartError, QuantSpec, make_codebook
+from logart.errors import LogartError
+from logart.quant import QuantSpec, make_codebook
 from logart.rounding import LLRConfig, QuadraticLoss, learned_rounding, rtn
 from logart.search import HessianScore, default_k_values, default_s_values, search
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from logart.quant import LogartError, QuantSpec, make_codebook, pack, unpack
+from logart.errors import LogartError
+from logart.quant import QuantSpec, make_codebook, pack, unpack
 
 
 def test_unsupported_bits_lists_the_supported_ones():

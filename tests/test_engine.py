@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import logart
+from logart.errors import LogartError
 from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig
 from logart.models.cnn import CNN, find_blocks, fold_batchnorm
 from logart.models.sites import WeightSite
@@ -172,7 +173,7 @@ def test_block_reconstruction_beats_layerwise_llr_on_the_block_output():
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
     engine = BlockReconstruction(ReconstructConfig(iters=300, batch=16, seed=0), progress=False)
     result = logart.quantize(model, "logart-fast", x, bits=3, rounding="llr", llr_iters=200, progress=False,
-                             log=None, adapter=CNN(example=x[:2]), reconstruct=engine)
+                             log=None, adapter=CNN(example=x[:2]), reconstruction=engine)
     info = next(r.extra["reconstruct"] for r in result.layers if "reconstruct" in r.extra)
     assert info["block_error_reconstructed"] < info["block_error_layerwise"]
     assert info["kept"] == "reconstruction"
@@ -187,8 +188,21 @@ def test_block_reconstruction_runs_on_a_tiny_decoder(loss, qdrop):
     calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     engine = BlockReconstruction(ReconstructConfig(iters=20, loss=loss, qdrop=qdrop), progress=False)
     result = logart.quantize(model, "logart-fast", calib, bits=3, progress=False, log=None, nsamples=4, seqlen=32,
-                             reconstruct=engine)
+                             reconstruction=engine)
     infos = [r.extra["reconstruct"] for r in result.layers if "reconstruct" in r.extra]
     assert len(infos) == 14   # every site of the two blocks
     assert all(i["block_error_reconstructed"] >= 0 for i in infos)
     _on_codebook(result)
+
+
+def test_the_recipe_option_turns_block_reconstruction_on():
+    from logart.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = logart.quantize(model, "log2-rtn", calib, bits=3, progress=False, log=None, nsamples=4, seqlen=32,
+                             reconstruct="block", recon_iters=10)
+    assert result.recipe.needs_calibration
+    assert all("reconstruct" in r.extra for r in result.layers)
+    with pytest.raises(LogartError, match="reconstruction"):
+        logart.make_recipe("logart-fast", reconstruct="layer")

@@ -12,7 +12,7 @@ import logart  # noqa: F401  (installs the transformers hook)
 from logart.io.checkpoint import WEIGHTS, load_quantized, save_quantized
 from logart.io.export import export_dequantized
 from logart.io.linear import LogLinear
-from logart.quant import LogartError
+from logart.errors import LogartError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_io import _edit_tensors, _quantize_tiny  # noqa: E402

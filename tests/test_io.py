@@ -13,7 +13,8 @@ from logart.io.checkpoint import WEIGHTS, load_quantized, save_quantized
 from logart.io.linear import LogLinear
 from logart.models.decoder import decoder_layers, linear_layers
 from logart.models.tiny import tiny_causal_lm
-from logart.quant import LogartError, QuantSpec, make_codebook
+from logart.errors import LogartError
+from logart.quant import QuantSpec, make_codebook
 from logart.recipes import make_recipe
 
 

@@ -17,7 +17,8 @@ from logart.io.linear import LogLinear
 from logart.calib.stats import block_hessians
 from logart.models import tiny_causal_lm
 from logart.models.hf_causal import HFCausalLM
-from logart.quant import LogartError, QuantSpec, make_codebook, packed_length
+from logart.errors import LogartError
+from logart.quant import QuantSpec, make_codebook, packed_length
 from logart.recipes import Override, make_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,7 +11,7 @@ from logart import api
 from logart.cli import main
 from logart.eval.perplexity import perplexity
 from logart.models import byte_tokenizer, decoder_layers, linear_layers, tiny_causal_lm
-from logart.quant import LogartError
+from logart.errors import LogartError
 
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt"]
 

@@ -7,7 +7,7 @@ import logart.calib.driver as driver
 from logart.calib.resume import RunState, fingerprint
 from logart.models import tiny_causal_lm
 from logart.models.hf_causal import HFCausalLM
-from logart.quant import LogartError
+from logart.errors import LogartError
 from logart.recipes import make_recipe
 
 

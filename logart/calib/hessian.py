@@ -18,10 +18,9 @@ GPTAQ, Li et al. 2025). With D = (2/N) Σ (x° - x) xᵀ the second objective is
     Σ ||Q x - W x°||² = tr((Q - W°) H (Q - W°)ᵀ) + const,   W° = W + W D H⁻¹,
 
 the same quadratic form around a moved target, so search, GPTQ and learned rounding run unchanged on W°.
-The full least-squares move overshoots: |W° - W| reaches |W| in the late SmolLM2 blocks, the quantization
-error of such a target outweighs what it corrects, and W3 perplexity got much worse (893 vs 54.8; still 64.1
-with per-group statistics). Moving a fraction α of the way, W° = W + α W D H⁻¹, is what works: α = 0.25 gave
-40.7 in the same screen (docs/RESULTS.md), so it is the default strength.
+The target moves only a fraction α of the way, W° = W + α W D H⁻¹: the least-squares move fits a few hundred
+calibration windows exactly and can be as large as W itself in late blocks, where its own quantization error
+outweighs the drift it corrects (strengths measured in docs/RESULTS.md).
 """
 
 from __future__ import annotations

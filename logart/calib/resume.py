@@ -13,15 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from logart.quant import LogartError
+from logart.atomic import write_file
+from logart.errors import LogartError
 
 
 def fingerprint(**parts) -> dict:
@@ -35,10 +34,7 @@ def fingerprint(**parts) -> dict:
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 class RunState:
@@ -99,10 +95,8 @@ class RunState:
             saved = {"hidden": inputs} if fp_inputs is None else {"hidden": inputs, "fp_hidden": fp_inputs}
             _atomic_save(saved, self._inputs_path(block + 1))
         self.done, self.records = block + 1, self.records + records
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"config": self.config, "done": self.done, "records": self.records}, f)
-        os.replace(tmp, self.folder / "state.json")
+        state = {"config": self.config, "done": self.done, "records": self.records}
+        write_file(self.folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state)))
         old = self._inputs_path(block)
         if old.exists():
             old.unlink()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from logart.atomic import write_file
 
 FORMAT = 1
 
@@ -79,16 +80,7 @@ def cached_tensor(name: str, build: Callable[[], torch.Tensor], directory: Path 
             pass
     value = build()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        write_file(path, lambda tmp: torch.save(value, tmp))
     except OSError as e:  # a read-only home must not stop a run: warn and go on uncached
         warnings.warn(f"logart: cannot write the cache at {directory} ({e}); set LOGART_CACHE to a writable folder.")
-        return value
-    os.close(fd)
-    try:
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return value

@@ -18,19 +18,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import logart
+from logart.atomic import refuse_to_overwrite, write_folder  # noqa: F401 (re-exported)
+from logart.version import __version__
 from logart.io.embedding import packed_class
 from logart.io.linear import LogLinear
-from logart.quant import LogartError
+from logart.errors import LogartError
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -82,36 +80,9 @@ def _unique_state(model) -> dict:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
 
 
-def refuse_to_overwrite(directory, overwrite: bool) -> None:
-    """The one guard every writer calls (early, before slow work, and again at write time)."""
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise LogartError(f"{directory} already exists and is not empty; logart never overwrites a folder by accident.",
-                          "choose another --output folder, or pass overwrite=True / --overwrite.")
-
-
-def _write_atomically(directory: Path, write, overwrite: bool):
-    directory = Path(directory)
-    refuse_to_overwrite(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str], module_specs: dict | None = None) -> dict:
     return {"quant_method": "logart", "format_version": FORMAT_VERSION, **codebook_spec, "recipe": recipe,
-            "modules": modules, "module_specs": module_specs or {}, "producer": f"logart {logart.__version__}"}
+            "modules": modules, "module_specs": module_specs or {}, "producer": f"logart {__version__}"}
 
 
 def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
@@ -142,7 +113,7 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    _write_atomically(Path(directory), write, overwrite)
+    write_folder(Path(directory), write, overwrite)
     return Path(directory)
 
 
@@ -161,7 +132,7 @@ def read_quantization_config(directory) -> dict:
                           "load it with transformers directly, or pass a folder written by logart.")
     if qc.get("format_version") != FORMAT_VERSION:
         raise LogartError(f"{directory} uses logart format version {qc.get('format_version')}; this logart "
-                          f"({logart.__version__}) reads version {FORMAT_VERSION}.",
+                          f"({__version__}) reads version {FORMAT_VERSION}.",
                           "re-export the checkpoint with this logart version.")
     return config
 

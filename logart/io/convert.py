@@ -16,7 +16,7 @@ from pathlib import Path
 def convert(name_or_path, out_dir, shard_size: str = "100MB", dtype: str = "float32", overwrite: bool = False) -> Path:
     import torch
 
-    from logart.io.checkpoint import _write_atomically, refuse_to_overwrite
+    from logart.atomic import refuse_to_overwrite, write_folder
     from logart.models import detach_gguf, load_causal_lm
 
     out_dir = Path(out_dir)
@@ -28,7 +28,7 @@ def convert(name_or_path, out_dir, shard_size: str = "100MB", dtype: str = "floa
         model.save_pretrained(tmp, max_shard_size=shard_size)
         tokenizer.save_pretrained(tmp)
 
-    _write_atomically(out_dir, write, overwrite)
+    write_folder(out_dir, write, overwrite)
     return out_dir
 
 

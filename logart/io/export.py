@@ -25,7 +25,7 @@ def _dtype(dtype):
         return torch.float16
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in _DTYPES:
-            from logart.quant import LogartError
+            from logart.errors import LogartError
             raise LogartError(f"cannot export in {dtype!r}.", f"use one of {', '.join(_DTYPES)}.")
         return getattr(torch, dtype.removeprefix("torch."))
     return dtype
@@ -36,7 +36,6 @@ def dequantized_model(model, dtype=None, quantization_config: dict | None = None
     every `LogLinear` replaced by an `nn.Linear` holding its dequantized weight. `model` is left unchanged.
     `quantization_config` (the logart one, where the model's config no longer carries it) is summarised in
     the config's `logart_dequantized` entry."""
-    import torch
     from accelerate import init_empty_weights
 
     from logart.io.linear import LogLinear
@@ -70,7 +69,7 @@ def dequantized_model(model, dtype=None, quantization_config: dict | None = None
         plain = type(model)(config)
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        from logart.quant import LogartError
+        from logart.errors import LogartError
         raise LogartError(f"the dequantized weights do not fit a plain {type(model).__name__}: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}.", "export from the model or folder logart produced.")
     if hasattr(plain, "tie_weights"):
@@ -86,7 +85,8 @@ def export_dequantized(model_or_dir, out_dir, dtype=None, overwrite: bool = Fals
     takes a torch dtype or "float16" / "bfloat16" / "float32"). `model_or_dir`: a logart checkpoint folder
     (its tokenizer is exported too) or an in-memory model with `LogLinear` layers (pass `tokenizer` to include
     one). Returns `out_dir`."""
-    from logart.io.checkpoint import _write_atomically, load_quantized, read_quantization_config, refuse_to_overwrite
+    from logart.atomic import refuse_to_overwrite, write_folder
+    from logart.io.checkpoint import load_quantized, read_quantization_config
 
     qc = None
     if isinstance(model_or_dir, (str, Path)):
@@ -104,7 +104,7 @@ def export_dequantized(model_or_dir, out_dir, dtype=None, overwrite: bool = Fals
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    _write_atomically(out_dir, write, overwrite)
+    write_folder(out_dir, write, overwrite)
     return out_dir
 
 

@@ -35,7 +35,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from logart.io.checkpoint import FORMAT_VERSION, _sha256, _unique_state, check_tensor_names, module_spec, packed_shell
 from logart.io.linear import LogLinear
-from logart.quant import LogartError
+from logart.errors import LogartError
+from logart.version import __version__
 
 logger = logging.getLogger(__name__)
 QUANT_METHOD = "logart"
@@ -103,9 +104,8 @@ class LogartHfQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         qc = self.quantization_config
         if getattr(qc, "format_version", None) != FORMAT_VERSION:
-            import logart
             raise LogartError(f"this checkpoint uses logart format version {getattr(qc, 'format_version', None)}; "
-                              f"this logart ({logart.__version__}) reads version {FORMAT_VERSION}.",
+                              f"this logart ({__version__}) reads version {FORMAT_VERSION}.",
                               "re-export the checkpoint with this logart version.")
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():

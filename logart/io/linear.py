@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logart.quant import LogartError, pack, packed_length, unpack
+from logart.errors import LogartError
+from logart.quant import pack, packed_length, unpack
 from logart.quant.rows import PER_CHANNEL, PER_TENSOR, padded_width
 
 

@@ -7,7 +7,6 @@
 """
 
 from logart.quant.codebook import Codebook
-from logart.quant.errors import LogartError
 from logart.quant.log import LogCodebook, LogParams
 from logart.quant.packing import pack, packed_length, unpack
 from logart.quant.rows import to_rows, from_rows
@@ -19,6 +18,6 @@ def make_codebook(spec: QuantSpec) -> Codebook:
     return UniformCodebook(spec) if spec.method == "uniform" else LogCodebook(spec)
 
 
-__all__ = ["Codebook", "LogartError", "LogCodebook", "LogParams", "METHODS", "MODES", "QuantSpec",
+__all__ = ["Codebook", "LogCodebook", "LogParams", "METHODS", "MODES", "QuantSpec",
            "SUPPORTED_BITS", "UniformCodebook", "UniformParams", "from_rows", "make_codebook", "pack",
            "packed_length", "to_rows", "unpack"]

@@ -6,7 +6,7 @@ import torch
 
 from logart.quant.rows import from_rows, to_rows
 from logart.quant.spec import QuantSpec
-from logart.quant.table import decode_rows, encode_rows, neighbour_codes
+from logart.quant.table import decode_rows, encode_rows
 
 
 class Codebook:
@@ -63,13 +63,6 @@ class Codebook:
         if params is None:
             params = self.fit_rows(rows)
         return from_rows(self.fake_quant_rows(rows, params), w.shape)
-
-    def neighbours(self, w: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
-        """The representable values just below and just above every weight (learned rounding picks one)."""
-        rows = self.rows(w)
-        levels, _ = self.tables(params)
-        lo, hi = neighbour_codes(rows, levels)
-        return from_rows(decode_rows(lo, levels), w.shape), from_rows(decode_rows(hi, levels), w.shape)
 
     def table_size(self) -> int:
         """Number of table entries per row (2^n in strict mode)."""

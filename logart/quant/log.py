@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from logart.quant.codebook import Codebook
-from logart.quant.errors import LogartError
+from logart.errors import LogartError
 from logart.quant.spec import QuantSpec
 
 EPS = 1e-32  # added inside every log, as the original does, so log2(0) is finite (about -106)

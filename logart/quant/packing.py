@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from logart.quant.errors import LogartError
+from logart.errors import LogartError
 
 PACKABLE_BITS = (2, 3, 4, 8)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from logart.quant.errors import LogartError
+from logart.errors import LogartError
 
 PER_CHANNEL = -1
 PER_TENSOR = 0

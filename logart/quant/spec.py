@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from logart.quant.errors import LogartError
+from logart.errors import LogartError
 
 METHODS = ("uniform", "log2", "log_sqrt2", "log_dynamic")
 MODES = ("strict", "reference")

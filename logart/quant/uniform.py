@@ -9,6 +9,7 @@ import torch
 
 from logart.quant.codebook import Codebook
 from logart.quant.spec import QuantSpec
+from logart.quant.table import midpoint_bounds
 
 
 @dataclass
@@ -58,7 +59,7 @@ class UniformCodebook(Codebook):
     def tables(self, p: UniformParams):
         q = torch.arange(self.maxq + 1, device=p.scale.device, dtype=torch.float32)[None, :]
         levels = p.scale[:, None] * (q - p.zero[:, None])
-        return levels, 0.5 * (levels[:, 1:] + levels[:, :-1])
+        return levels, midpoint_bounds(levels)
 
     def factored_tables(self, p: UniformParams):
         """(row_scale [R], rel [R, M]) with levels == row_scale[:, None] * rel exactly."""

@@ -34,7 +34,7 @@ class Bracket:
     zero-segment mode the segment between 0 and the smallest level) has d = 0. `jump` marks log pairs whose
     down level is the virtual level below the smallest one: there h = 0 means 0."""
 
-    def __init__(self, tables: LayerTables, src: torch.Tensor, log: bool, zero_segment: str = "linear"):
+    def __init__(self, tables, src: torch.Tensor, log: bool, zero_segment: str = "linear"):
         self.log = log
         lo_c, hi_c = tables.neighbours(src)
         if not log:
@@ -72,7 +72,7 @@ class Bracket:
         frac_log = _fraction(torch.log(src.abs()) - l_down, self.d)
         self.frac = torch.where(lin, _fraction(src.abs(), m_up), frac_log)
 
-    def align(self, tables: LayerTables, nearest: torch.Tensor) -> None:
+    def align(self, tables, nearest: torch.Tensor) -> None:
         """Move the starting fractions just enough that h >= 0.5 picks the codebook's own nearest level
         `nearest` [O, I] wherever that is one of the two neighbours (exact ties, thresholds that are not the
         midpoint of the interpolation)."""
@@ -92,7 +92,7 @@ def _fraction(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, (num / torch.where(ok, den, torch.ones_like(den))).clamp(0, 1), torch.zeros_like(num))
 
 
-def _zero_bounds(tables: LayerTables) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_bounds(tables) -> tuple[torch.Tensor, torch.Tensor]:
     """Per table row, the magnitude below which positive / negative weights round to zero (0 where the row
     has no zero code reachable from that sign, e.g. the pure-sqrt(2) `log_dynamic` book)."""
     lv, bd = tables.levels, tables.bounds
