@@ -163,6 +163,40 @@ def check_tensor_names(expected, present) -> None:
                           "the weights belong to another model or format; re-export the checkpoint.")
 
 
+def check_header(expected: dict, found: dict) -> None:
+    """Names, shapes and dtypes of the file's tensors against the skeleton's (both {name: (shape, dtype)})."""
+    check_tensor_names(expected, found)
+    for k, want in expected.items():
+        if tuple(found[k]) != tuple(want):
+            raise LogartError(f"tensor {k} has shape {found[k][0]} / {found[k][1]} in the file, the model expects "
+                              f"{want[0]} / {want[1]}.", "the checkpoint does not match its config; re-export it.")
+
+
+def check_loaded(model, found: dict, meta: dict, expected: dict | None = None) -> None:
+    """The one load check of a packed checkpoint, for every way it is read (`load_quantized`, transformers'
+    `from_pretrained`): `model` must hold exactly the tensors the file has, none left on the meta device, each
+    with the shape and dtype the model's skeleton expects and the checksum `save_quantized` recorded.
+
+    found: {tensor name: (shape, dtype)} as read from the file's header; meta: its metadata; expected:
+    {name: (shape, dtype)} of the empty skeleton before loading (default: the tensors as loaded)."""
+    state = _unique_state(model)
+    # the tensors as loaded name what must be there; the skeleton's shapes (where known) what they must look like
+    check_header({k: (expected or {}).get(k, (tuple(t.shape), t.dtype)) for k, t in state.items()}, found)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
+                          "the checkpoint is incomplete; re-export it.")
+    sums = json.loads(meta.get("logart.sha256", "{}"))
+    for k, t in state.items():
+        want = (expected or {}).get(k, (tuple(t.shape), t.dtype))
+        if tuple(found[k]) != want or (tuple(t.shape), t.dtype) != want:
+            raise LogartError(f"tensor {k} has shape {found[k][0]} / {found[k][1]} in the file, the model expects "
+                              f"{want[0]} / {want[1]}.", "the checkpoint does not match its config; re-export it.")
+        if k in sums and _sha256(t.detach().cpu()) != sums[k]:
+            raise LogartError(f"tensor {k} fails its checksum: the file is corrupted or was converted on the way.",
+                              "re-export the checkpoint.")
+
+
 def build_skeleton(config: dict):
     """The model's architecture without weights (meta device), its quantized linears replaced by empty
     `LogLinear` shells of the right shapes."""
@@ -196,23 +230,13 @@ def load_quantized(directory, device: str = "cpu"):
         tables = tensors.get(f"{name}.tables")
         n_tables = tables.shape[0] if tables is not None and tables.dim() == 2 else 1
         _set_module(model, name, packed_shell(module, name, qc, n_tables))
-    expected = _unique_state(model)
-    check_tensor_names(expected, tensors)
-    sums = json.loads(meta.get("logart.sha256", "{}"))
-    for k, ref in expected.items():
-        t = tensors[k]
-        if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
-            raise LogartError(f"tensor {k} has shape {tuple(t.shape)} / {t.dtype}, expected {tuple(ref.shape)} / {ref.dtype}.",
-                              "the checkpoint does not match its config; re-export it.")
-        if k in sums and _sha256(t) != sums[k]:
-            raise LogartError(f"tensor {k} fails its checksum: the file is corrupted.", "re-export the checkpoint.")
+    expected = {k: (tuple(t.shape), t.dtype) for k, t in _unique_state(model).items()}
+    found = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    check_header(expected, found)   # before loading: load_state_dict fails on a shape with a deep traceback
     model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if leftover:
-        raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
-                          "the checkpoint is incomplete; re-export it.")
+    check_loaded(model, found, meta, expected)
     model.to(device).eval()
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():

@@ -24,7 +24,6 @@ Only transformers' quantizer modules are imported at the top: this file can be i
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
 import torch
@@ -33,7 +32,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from logart.io.checkpoint import FORMAT_VERSION, _sha256, _unique_state, check_tensor_names, module_spec, packed_shell
+from logart.io.checkpoint import FORMAT_VERSION, _unique_state, check_loaded, module_spec, packed_shell
 from logart.io.linear import LogLinear
 from logart.errors import LogartError
 from logart.version import __version__
@@ -63,7 +62,7 @@ class LogartConfig(QuantizationConfigMixin):
 
 
 def _header(files: list[str]) -> tuple[dict, dict]:
-    """({tensor name: (shape, safetensors dtype string)}, merged metadata) of the checkpoint files."""
+    """({tensor name: (shape, torch dtype)}, merged metadata) of the checkpoint files."""
     from safetensors import safe_open
 
     shapes, meta = {}, {}
@@ -76,7 +75,7 @@ def _header(files: list[str]) -> tuple[dict, dict]:
                 meta.update(f.metadata() or {})
                 for k in f.keys():
                     s = f.get_slice(k)
-                    shapes[k] = (tuple(s.get_shape()), s.get_dtype())
+                    shapes[k] = (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
         except LogartError:
             raise
         except Exception as e:  # truncated or garbled header
@@ -159,26 +158,9 @@ class LogartHfQuantizer(HfQuantizer):
 
 
 def verify_loaded(model, files: list[str], expected_shapes: dict | None = None) -> None:
-    """Raise `LogartError` unless `model` holds exactly the tensors of `files`, bit for bit (the checksums
-    that `save_quantized` recorded, where present), with the shapes and dtypes of `expected_shapes`
-    ({name: (shape, dtype)}, the empty skeleton's) where given."""
+    """`check_loaded` (io/checkpoint.py) against the headers of the checkpoint `files`."""
     shapes, meta = _header(files)
-    expected = _unique_state(model)
-    check_tensor_names(expected, shapes)  # transformers has already filled a missing one at random: refuse it
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
-                          "the checkpoint is incomplete; re-export it.")
-    sums = json.loads(meta.get("logart.sha256", "{}"))
-    for k, t in expected.items():
-        shape, dt = shapes[k]
-        want = (expected_shapes or {}).get(k, (tuple(t.shape), t.dtype))
-        if (tuple(t.shape), t.dtype) != want or (shape, _SAFETENSORS_DTYPES.get(dt)) != want:
-            raise LogartError(f"tensor {k} has shape {shape} / {dt} in the file, the model expects "
-                              f"{want[0]} / {want[1]}.", "the checkpoint does not match its config; re-export it.")
-        if k in sums and _sha256(t.cpu()) != sums[k]:
-            raise LogartError(f"tensor {k} does not match its checksum after loading: the file is corrupted or "
-                              "was converted on the way.", "re-export the checkpoint.")
+    check_loaded(model, shapes, meta, expected_shapes)
 
 
 def register() -> None:
