@@ -3,6 +3,9 @@
     python bench/identity.py --record bench/results/identity.json             # on the commit before the change
     python bench/identity.py --check bench/results/identity.json              # after it: exit 1 on any difference
     python bench/identity.py --check ... --real                                # also the SmolLM2 cases (minutes)
+    python bench/identity.py --side-by-side OLD_TREE --only smollm2-logart-fast-w4-pc --reps 2 --out F.json
+        # the real cases from a checkout of the old commit (git worktree add OLD_TREE COMMIT) and from this one,
+        # alternating old, new, new, old, ...: hashes equal? quantization time ratio of the medians
 
 Tiny cases (seconds each): seeded tiny decoders through `logart.quantize` + `save_quantized`, covering the
 recipes and options that touch the driver (search, GPTQ, LLR, full-precision targets, attention-aware rounding,
@@ -84,16 +87,40 @@ def tiny_case(arch: str, recipe: str, options: dict) -> dict:
         return _hashes(Path(tmp) / "ckpt")
 
 
-def real_case(args: list[str], threads: int) -> dict:
+def real_case(args: list[str], threads: int, tree: Path | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ckpt"
         cmd = [sys.executable, "-m", "logart.cli", "quantize", "--model", "smollm2-135m", *args, "--no-eval",
                "--output", str(out), "--threads", str(threads), "--results", str(Path(tmp) / "results.csv")]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                       cwd=tree or None)
         seconds = time.perf_counter() - t0
         report = json.loads((out / "report.json").read_text())
         return {"hashes": _hashes(out), "wall_seconds": round(seconds, 1), "quant_seconds": report["quant_seconds"]}
+
+
+def side_by_side(old_tree: Path, cases: dict, reps: int, threads: int) -> dict:
+    """Each real case from `old_tree` and from this tree, alternating (old, new, new, old, ...)."""
+    import statistics
+
+    new_tree = Path(__file__).resolve().parent.parent
+    out = {}
+    for name, case in cases.items():
+        runs = {"old": [], "new": []}
+        for rep in range(reps):
+            for which in (("old", "new") if rep % 2 == 0 else ("new", "old")):
+                run = real_case(case, threads, old_tree if which == "old" else new_tree)
+                runs[which].append(run)
+                print(f"{name:32s} {which}: quant {run['quant_seconds']} s", file=sys.stderr)
+        med = {k: statistics.median(r["quant_seconds"] for r in v) for k, v in runs.items()}
+        hashes = [r["hashes"] for r in runs["old"] + runs["new"]]
+        out[name] = {"same_checkpoint": all(h == hashes[0] for h in hashes), "median_quant_seconds": med,
+                     "new_over_old": round(med["new"] / med["old"], 4), "runs": runs}
+        print(f"{name}: same checkpoint {out[name]['same_checkpoint']}, quant time new/old "
+              f"{out[name]['new_over_old']} (medians {med['new']} / {med['old']} s)")
+    return out
 
 
 def main() -> int:
@@ -101,6 +128,9 @@ def main() -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--record", type=Path)
     g.add_argument("--check", type=Path)
+    g.add_argument("--side-by-side", type=Path, metavar="OLD_TREE")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--out", type=Path, help="JSON of the side-by-side run")
     p.add_argument("--real", action="store_true", help="also the SmolLM2 cases (about 10 minutes on 2 cores)")
     p.add_argument("--only", nargs="*", help="case names to run")
     p.add_argument("--threads", type=int, default=2)
@@ -113,6 +143,14 @@ def main() -> int:
         cases.update(REAL_CASES)
     if args.only:
         cases = {k: v for k, v in cases.items() if k in args.only}
+    if args.side_by_side:
+        from logart.report import now, versions, write_json
+
+        cases = {k: v for k, v in REAL_CASES.items() if not args.only or k in args.only}
+        out = side_by_side(args.side_by_side, cases, args.reps, args.threads)
+        if args.out:
+            write_json(args.out, {"date": now(), "versions": versions(), "threads": args.threads, "cases": out})
+        return 0 if all(c["same_checkpoint"] for c in out.values()) else 1
     results = {}
     for name, case in cases.items():
         t0 = time.perf_counter()
