@@ -32,7 +32,7 @@ def default_adapter(model, recipe: Recipe, log=print):
     """The adapter for `model`: Hugging Face causal LMs (the family this entry point has always taken)."""
     from logart.models.hf_causal import HFCausalLM
 
-    return HFCausalLM(embeddings=recipe.quantize_embeddings, lm_head=recipe.quantize_lm_head,
+    return HFCausalLM(embeddings=recipe.lm.quantize_embeddings, lm_head=recipe.lm.quantize_lm_head,
                       selects=lambda name: recipe.for_module(name) is not None, log=log)
 
 
@@ -55,11 +55,12 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
     adapter = adapter or default_adapter(model, recipe, log)
-    if reconstruction is None and recipe.reconstruct == "block":
+    rc = recipe.reconstruction
+    if reconstruction is None and rc.kind == "block":
         from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig
 
-        reconstruction = BlockReconstruction(ReconstructConfig(iters=recipe.recon_iters, loss=recipe.recon_loss,
-                                                            qdrop=recipe.qdrop, seed=recipe.seed), progress=progress)
+        reconstruction = BlockReconstruction(ReconstructConfig(iters=rc.iters, loss=rc.loss, qdrop=rc.qdrop,
+                                                            seed=recipe.calibration.seed), progress=progress)
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
                                      streamer=streamer, reconstruct=reconstruction)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,

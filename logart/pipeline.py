@@ -81,7 +81,7 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         text_source(opts.calib)
     if opts.eval:
         text_source(opts.eval)
-    seed_everything(recipe.seed)
+    seed_everything(recipe.calibration.seed)
     t = time.perf_counter()
     streamer = None
     if opts.max_memory is not None:
@@ -101,18 +101,19 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
            "eval_windows": opts.eval_windows, "versions": versions()}
     windows = None
     if opts.eval:
-        windows = eval_set(tokenizer, opts.eval, seqlen=recipe.seqlen, max_windows=opts.eval_windows)
+        windows = eval_set(tokenizer, opts.eval, seqlen=recipe.calibration.seqlen, max_windows=opts.eval_windows)
         log(f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of {opts.eval}")
         if opts.eval_fp32:
             row["ppl_fp32"] = perplexity(model, windows, progress=opts.progress)
             log(f"fp32 perplexity: {row['ppl_fp32']:.3f}")
     calib = None
     if recipe.needs_calibration:
-        calib = calibration_set(tokenizer, opts.calib, nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed)
-        log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens of {opts.calib} (seed {recipe.seed})")
+        c = recipe.calibration
+        calib = calibration_set(tokenizer, opts.calib, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed)
+        log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens of {opts.calib} (seed {c.seed})")
     log(f"quantizing with recipe {recipe.name}: {recipe.codebook.method} {recipe.codebook.bits}-bit, group "
-        f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.dbs else ''}"
-        f"{'SFS ' if recipe.sfs else ''}({recipe.score}), rounding {recipe.rounding}")
+        f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.search.dbs else ''}"
+        f"{'SFS ' if recipe.search.sfs else ''}({recipe.search.score}), rounding {recipe.rounding.method}")
     for i, rule in enumerate(recipe.overrides, 1):
         settings = ", ".join(f"{k}={v}" for k, v in rule.__dict__.items() if k != "pattern" and v is not None)
         log(f"override {i} (first match wins): /{rule.pattern}/ -> {settings}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 
 from logart.quant import QuantSpec, make_codebook
 from logart.errors import LogartError
@@ -83,54 +84,132 @@ class Override:
         return cls(pattern, **fields)
 
 
+class Rounding(StrEnum):
+    """How every weight's code is chosen once the codebook parameters are fixed (rounding/)."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+    LLR = "llr"
+    GPTQ_LLR = "gptq+llr"
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self in (Rounding.GPTQ, Rounding.GPTQ_LLR)
+
+    @property
+    def learns(self) -> bool:
+        """Learned rounding (LLR), alone or refining GPTQ."""
+        return self in (Rounding.LLR, Rounding.GPTQ_LLR)
+
+
+def _choice(value, allowed, what: str, fix: str):
+    if value not in allowed:
+        raise LogartError(f"unknown {what} {value!r}.", fix or f"use one of {', '.join(map(str, allowed))}.")
+    return value
+
+
 @dataclass(frozen=True)
-class Recipe:
-    name: str
-    codebook: QuantSpec
+class SearchConfig:
+    """Which codebook parameters each row gets (search/)."""
+
     dbs: bool = True                 # search k per row (log_dynamic only)
     sfs: bool = True                 # search the scale multiplier s per row
-    search: str = "fast"             # "fast" (pruned, see search/) or "exhaustive" (the original's full grid)
+    strategy: str = "fast"           # "fast" (pruned, see search/) or "exhaustive" (the original's full grid)
     score: str = "hessian"           # "hessian" (Δw H Δwᵀ) or "weight" (data-free weight SSE)
-    rounding: str = "rtn"
+    abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
+
+    def __post_init__(self):
+        _choice(self.strategy, SEARCHES, "search", "")
+        _choice(self.score, ("hessian", "weight"), "search score", "use 'hessian' or 'weight'.")
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    method: Rounding = Rounding.RTN
     act_order: bool = False          # GPTQ column order by decreasing diag(H)
     llr_iters: int = 500             # the original's default; the `logart` preset uses 200 (see PRESETS)
     llr_lr: float = 0.05
     llr_lambda: float = 1.0
     llr_lambda_qkv: float = 1.5
     attention_aware: bool = False    # LLR of q/k projections weighs errors by their effect on attention scores
-    abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
-    fp_target: float = 0.0           # α > 0: layers move toward the full-precision model's outputs (calib/hessian.py)
-    reconstruct: str = "none"        # "block": learn the rounding of each block's weights together (calib/reconstruct.py)
-    recon_iters: int = 200
-    recon_loss: str = "mse"          # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
-    qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
-    damp: float = 0.01               # H += damp * mean(diag H) * I
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", Rounding(_choice(str(self.method), ROUNDINGS, "rounding", "")))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The calibration data and the statistics taken from it (run-wide: an override never changes it)."""
+
     nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
-    ignore: tuple[str, ...] = field(default_factory=tuple)   # regexes of modules kept in full precision
-    overrides: tuple[Override, ...] = field(default_factory=tuple)   # ordered: the first match wins
-    quantize_lm_head: bool = False
-    quantize_embeddings: bool = False
+    damp: float = 0.01               # H += damp * mean(diag H) * I
+    fp_target: float = 0.0           # α > 0: layers move toward the full-precision model's outputs (calib/hessian.py)
 
     def __post_init__(self):
-        if self.rounding not in ROUNDINGS:
-            raise LogartError(f"unknown rounding {self.rounding!r}.", f"use one of {', '.join(ROUNDINGS)}.")
-        if self.search not in SEARCHES:
-            raise LogartError(f"unknown search {self.search!r}.", f"use one of {', '.join(SEARCHES)}.")
-        if self.score not in ("hessian", "weight"):
-            raise LogartError(f"unknown search score {self.score!r}.", "use 'hessian' or 'weight'.")
-        if self.reconstruct not in RECONSTRUCTIONS:
-            raise LogartError(f"unknown reconstruction {self.reconstruct!r}.", f"use one of {', '.join(RECONSTRUCTIONS)}.")
-        if self.recon_loss not in ("mse", "nlc") or self.recon_iters < 1 or not 0.0 <= self.qdrop <= 1.0:
-            raise LogartError(f"invalid block reconstruction settings (loss {self.recon_loss!r}, {self.recon_iters} "
-                              f"iterations, QDrop {self.qdrop}).", "use loss mse or nlc, iterations >= 1, QDrop in [0, 1].")
         if not 0.0 <= self.fp_target <= 1.0:
             raise LogartError(f"the full-precision target strength must lie in [0, 1], got {self.fp_target}.",
                               "use e.g. --fp-target 0.25 (0 turns it off).")
         if self.nsamples < 1 or self.seqlen < 2:
             raise LogartError(f"calibration needs at least one window of two tokens (got {self.nsamples} x {self.seqlen}).",
                               "use e.g. --nsamples 32 --seqlen 2048.")
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block reconstruction after layer-wise rounding (calib/reconstruct.py; run-wide)."""
+
+    kind: str = "none"               # "block": learn the rounding of each block's weights together
+    iters: int = 200
+    loss: str = "mse"                # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
+    qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
+
+    def __post_init__(self):
+        _choice(self.kind, RECONSTRUCTIONS, "reconstruction", "")
+        _choice(self.loss, ("mse", "nlc"), "reconstruction loss", "use mse or nlc.")
+        if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0:
+            raise LogartError(f"invalid block reconstruction settings ({self.iters} iterations, QDrop {self.qdrop}).",
+                              "use iterations >= 1 and QDrop in [0, 1].")
+
+
+@dataclass(frozen=True)
+class LMOptions:
+    """Family options of causal LMs: the ends, off by default."""
+
+    quantize_lm_head: bool = False
+    quantize_embeddings: bool = False
+
+
+PIECES = {"search": SearchConfig, "rounding": RoundingConfig, "calibration": CalibrationConfig,
+          "reconstruction": ReconstructionConfig, "lm": LMOptions}
+# The flat option names of the CLI and of make_recipe(**options): (piece, field).
+FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search", "strategy"),
+        "score": ("search", "score"), "abs_per_row": ("search", "abs_per_row"),
+        "rounding": ("rounding", "method"), **{k: ("rounding", k) for k in (
+            "act_order", "llr_iters", "llr_lr", "llr_lambda", "llr_lambda_qkv", "attention_aware")},
+        **{k: ("calibration", k) for k in ("nsamples", "seqlen", "seed", "damp", "fp_target")},
+        "reconstruct": ("reconstruction", "kind"), "recon_iters": ("reconstruction", "iters"),
+        "recon_loss": ("reconstruction", "loss"), "qdrop": ("reconstruction", "qdrop"),
+        "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A codebook + small frozen pieces (search, rounding, calibration, reconstruction, LM options) + the
+    per-module rules. Printed whole (nested) into every result row and checkpoint config."""
+
+    name: str
+    codebook: QuantSpec
+    search: SearchConfig = SearchConfig()
+    rounding: RoundingConfig = RoundingConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    reconstruction: ReconstructionConfig = ReconstructionConfig()
+    lm: LMOptions = LMOptions()
+    ignore: tuple[str, ...] = field(default_factory=tuple)   # regexes of modules kept in full precision
+    overrides: tuple[Override, ...] = field(default_factory=tuple)   # ordered: the first match wins
+
+    def __post_init__(self):
         for pattern in self.ignore:
             Override(pattern)  # an Override checks its regex: the same message for a bad ignore pattern
         # Python callers may write rules as "REGEX:key=value" strings or dicts, like the CLI and config.json do.
@@ -144,27 +223,44 @@ class Recipe:
                 applied.append(self._apply(rule))
             except LogartError as e:
                 raise LogartError(f"override {rule.pattern!r}: {e.problem}", e.fix) from None
-        if self.attention_aware and not any(r.rounding.endswith("llr") for r in (self, *applied)):
+        if self.rounding.attention_aware and not any(r.rounding.method.learns for r in (self, *applied)):
             raise LogartError(f"attention-aware rounding weighs learned rounding, but recipe {self.name!r} rounds "
-                              f"with {self.rounding!r}.", "use --recipe logart (or --rounding gptq+llr / llr).")
+                              f"with {self.rounding.method!r}.", "use --recipe logart (or --rounding gptq+llr / llr).")
+
+    def with_options(self, **options) -> "Recipe":
+        """This recipe with flat options changed (the names of `FLAT`, e.g. `rounding="gptq"`, `llr_iters=100`,
+        or whole pieces, e.g. `search=SearchConfig(...)`, or `ignore` / `overrides`)."""
+        unknown = set(options) - set(FLAT) - set(PIECES) - {"ignore", "overrides"}
+        if unknown:
+            raise LogartError(f"unknown recipe option(s): {', '.join(sorted(unknown))}.",
+                              f"valid options: {', '.join(sorted({*FLAT, *PIECES, 'ignore', 'overrides'}))}.")
+        top = {k: v for k, v in options.items() if k not in FLAT}
+        by_piece: dict[str, dict] = {}
+        for k, v in options.items():
+            if k in FLAT:
+                piece, fld = FLAT[k]
+                by_piece.setdefault(piece, {})[fld] = v
+        for piece, fields in by_piece.items():
+            top[piece] = replace(top.get(piece, getattr(self, piece)), **fields)
+        return replace(self, **top)
 
     def _apply(self, rule: Override) -> "Recipe":
-        """This recipe with `rule` applied (calibration settings and the run-wide options stay this recipe's)."""
+        """This recipe with `rule` applied (the run-wide pieces, calibration and reconstruction, stay this
+        recipe's)."""
         base = self
         if rule.recipe is not None:
             spec = self.codebook
-            base = make_recipe(rule.recipe, bits=spec.bits, group_size=spec.group_size, mode=spec.mode,
-                               **{k: getattr(self, k) for k in _RUN_WIDE})
+            base = replace(make_recipe(rule.recipe, bits=spec.bits, group_size=spec.group_size, mode=spec.mode),
+                           calibration=self.calibration, reconstruction=self.reconstruction)
         method = rule.method or base.codebook.method
         codebook = replace(base.codebook, method=method,
                            bits=base.codebook.bits if rule.bits is None else rule.bits,
                            group_size=base.codebook.group_size if rule.group_size is None else rule.group_size,
                            # the 1 + 1/2 approximation only exists for log codebooks
                            hardware_approx=base.codebook.hardware_approx and method != "uniform")
-        return replace(base, codebook=codebook, ignore=(), overrides=(), quantize_lm_head=False,
-                       # a rule's own preset inherits the run's attention-aware switch where it learns rounding
-                       attention_aware=self.attention_aware and base.rounding.endswith("llr"),
-                       quantize_embeddings=False)
+        # a rule's own preset inherits the run's attention-aware switch where it learns rounding
+        rounding = replace(base.rounding, attention_aware=self.rounding.attention_aware and base.rounding.method.learns)
+        return replace(base, codebook=codebook, rounding=rounding, ignore=(), overrides=(), lm=LMOptions())
 
     def for_module(self, name: str) -> "Recipe | None":
         """The effective recipe of the module with full name `name`: None when `ignore` matches (ignore beats
@@ -177,19 +273,33 @@ class Recipe:
     @property
     def searches(self) -> bool:
         """More than one (k, s) candidate per row."""
-        return self.sfs or (self.dbs and self.codebook.method == "log_dynamic")
+        return self.search.sfs or (self.search.dbs and self.codebook.method == "log_dynamic")
 
     @property
     def needs_calibration(self) -> bool:
         """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
         single candidate with RTN is data-free."""
-        own = (self.score == "hessian" and self.searches) or self.rounding != "rtn" or self.reconstruct != "none"
+        own = (self.search.score == "hessian" and self.searches) or self.rounding.method != Rounding.RTN \
+            or self.reconstruction.kind != "none"
         return own or any(self._apply(r).needs_calibration for r in self.overrides)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["codebook"] = self.codebook.to_dict()
+        d["rounding"]["method"] = str(self.rounding.method)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """The inverse of `to_dict`; also reads the flat layout that logart wrote before the pieces existed."""
+        d = dict(d)
+        codebook = QuantSpec(**d.pop("codebook"))
+        top = {k: d.pop(k) for k in ("name", "ignore", "overrides") if k in d}
+        top["ignore"] = tuple(top.get("ignore", ()))
+        top["overrides"] = tuple(top.get("overrides", ()))
+        pieces = {k: PIECES[k](**d.pop(k)) for k in list(d) if k in PIECES and isinstance(d[k], dict)}
+        flat = {k: v for k, v in d.items() if k in FLAT}
+        return cls(codebook=codebook, **top, **pieces).with_options(**flat)
 
 
 def _log(bits, group_size, mode, **kw):
@@ -198,23 +308,24 @@ def _log(bits, group_size, mode, **kw):
 
 
 # Settings shared by the whole run, which an override's preset does not replace.
-_RUN_WIDE = ("nsamples", "seqlen", "seed", "damp", "fp_target", "reconstruct", "recon_iters", "recon_loss", "qdrop")
+_DATA_FREE = SearchConfig(dbs=False, sfs=False, score="weight")
 
 PRESETS = {
     # The paper's full recipe: DBS + SFS + ABS + LLR, with the original's optional GPTQ initialisation
     # (`--optq_init --act_order`), which LLR refines from the GPTQ codes; 200 LLR iterations instead of 500
     # because the gain saturates early. Beyond the paper, every layer also moves a quarter of the way toward the
     # full-precision model's output (`fp_target`, calib/hessian.py). Measurements: docs/RESULTS.md.
-    "logart": lambda b, g, m: Recipe("logart", _log(b, g, m), rounding="gptq+llr", act_order=True, llr_iters=200,
-                                     fp_target=0.25),
+    "logart": lambda b, g, m: Recipe("logart", _log(b, g, m),
+                                     rounding=RoundingConfig(Rounding.GPTQ_LLR, act_order=True, llr_iters=200),
+                                     calibration=CalibrationConfig(fp_target=0.25)),
     # Everything but learned rounding: minutes rather than tens of minutes.
     "logart-fast": lambda b, g, m: Recipe("logart-fast", _log(b, g, m)),
     # The paper's baseline: symmetric log2, round to nearest, no search, no data.
-    "log2-rtn": lambda b, g, m: Recipe("log2-rtn", _log(b, g, m, method="log2", symmetric=True), dbs=False,
-                                       sfs=False, score="weight"),
+    "log2-rtn": lambda b, g, m: Recipe("log2-rtn", _log(b, g, m, method="log2", symmetric=True), _DATA_FREE),
     # Uniform integer baselines (asymmetric, min/max range).
-    "rtn": lambda b, g, m: Recipe("rtn", QuantSpec("uniform", b, g), dbs=False, sfs=False, score="weight"),
-    "gptq": lambda b, g, m: Recipe("gptq", QuantSpec("uniform", b, g), dbs=False, sfs=False, rounding="gptq"),
+    "rtn": lambda b, g, m: Recipe("rtn", QuantSpec("uniform", b, g), _DATA_FREE),
+    "gptq": lambda b, g, m: Recipe("gptq", QuantSpec("uniform", b, g), SearchConfig(dbs=False, sfs=False),
+                                   RoundingConfig(Rounding.GPTQ)),
 }
 
 
@@ -227,8 +338,4 @@ def make_recipe(name: str = "logart", bits: int = 4, group_size: int = -1, mode:
     cb_fields = {k: overrides.pop(k) for k in ("symmetric", "hardware_approx", "method") if k in overrides}
     if cb_fields:
         recipe = replace(recipe, codebook=replace(recipe.codebook, **cb_fields))
-    unknown = set(overrides) - set(Recipe.__dataclass_fields__)
-    if unknown:
-        raise LogartError(f"unknown recipe option(s): {', '.join(sorted(unknown))}.",
-                          f"valid options: {', '.join(sorted(Recipe.__dataclass_fields__))}.")
-    return replace(recipe, **overrides)
+    return recipe.with_options(**overrides)

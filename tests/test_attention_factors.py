@@ -214,4 +214,4 @@ def test_attention_aware_needs_learned_rounding():
         make_recipe("logart-fast", bits=3, attention_aware=True)
     # enough that one rule learns rounding: it inherits the switch (a rule's preset starts from its defaults)
     r = make_recipe("logart-fast", bits=3, attention_aware=True, overrides=["self_attn:recipe=logart"])
-    assert r.for_module("model.layers.0.self_attn.q_proj").attention_aware
+    assert r.for_module("model.layers.0.self_attn.q_proj").rounding.attention_aware

@@ -173,10 +173,10 @@ def test_strength_outside_zero_one_is_refused_and_the_cli_default_is_a_quarter()
         make_recipe("logart-fast", bits=3, fp_target=1.5)
     parser = build_parser()
     quantize = ["quantize", "--model", "smollm2-135m"]
-    assert _recipe_from(parser.parse_args(quantize)).fp_target == 0.25   # the default recipe is `logart`
-    assert _recipe_from(parser.parse_args([*quantize, "--fp-target", "0"])).fp_target == 0.0
-    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast"])).fp_target == 0.0
-    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast", "--fp-target"])).fp_target == 0.25
+    assert _recipe_from(parser.parse_args(quantize)).calibration.fp_target == 0.25   # the default recipe is `logart`
+    assert _recipe_from(parser.parse_args([*quantize, "--fp-target", "0"])).calibration.fp_target == 0.0
+    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast"])).calibration.fp_target == 0.0
+    assert _recipe_from(parser.parse_args([*quantize, "--recipe", "logart-fast", "--fp-target"])).calibration.fp_target == 0.25
 
 
 def test_a_data_free_block_still_carries_the_full_precision_stream():

@@ -77,8 +77,9 @@ def test_first_matching_override_wins_and_ignore_beats_them():
                     "model.layers.1.self_attn.o_proj": (2, 32), "model.layers.0.mlp.down_proj": None,
                     "model.embed_tokens": (4, -1)}
     head = recipe.for_module("lm_head")   # a preset's search and rounding, the run's calibration settings
-    assert (head.rounding, head.codebook.method, head.codebook.bits, head.nsamples) == ("gptq", "log2", 4, 7)
-    assert recipe.for_module("model.layers.1.mlp.up_proj").rounding == "rtn"
+    assert (head.rounding.method, head.codebook.method, head.codebook.bits, head.calibration.nsamples) == \
+        ("gptq", "log2", 4, 7)
+    assert recipe.for_module("model.layers.1.mlp.up_proj").rounding.method == "rtn"
     assert [o["pattern"] for o in recipe.to_dict()["overrides"]] == [r"layers\.0\.", "layers", "o_proj", "lm_head"]
 
 

@@ -11,7 +11,7 @@
         propagate: the block's outputs with the quantized weights are the next chained block's inputs
 
 Memory is bounded by the model, one block's working set and the cached activations. With full-precision
-targets (`Recipe.fp_target`, calib/hessian.py) the driver also carries the full-precision model's stream through
+targets (`Recipe.calibration.fp_target`, calib/hessian.py) the driver also carries the full-precision model's stream through
 a copy of each chained block, and gathers a block's statistics input group by input group, each after the
 groups before it are quantized, so that every site corrects the drift of the inputs it will actually see, once.
 
@@ -25,6 +25,7 @@ import copy
 import functools
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,9 @@ from logart.calib.record import LayerRecord
 from logart.calib.stats import block_hessians, input_groups, propagate
 from logart.errors import LogartError
 from logart.quant import make_codebook
-from logart.recipes import Recipe
+
+if TYPE_CHECKING:   # the recipe is handed in by the caller; calib/ does not import the layer above it
+    from logart.recipes import Recipe
 
 
 class _Stream:
@@ -58,7 +61,7 @@ class BlockDriver:
         self.stream = _Stream()
         # The full-precision stream: the target of every site (full-precision targets) or of every block
         # (reconstruction).
-        self.carries_fp = bool(recipe.fp_target) or reconstruct is not None
+        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None
 
     def chosen_sites(self, block) -> dict:
         """{site name: (site, effective recipe)}; sites kept in full precision (ignore) are left out. A site
@@ -67,7 +70,7 @@ class BlockDriver:
         for site in block.sites:
             eff = self.recipe.for_module(site.name)
             if eff is not None:
-                chosen[site.name] = (site, eff if site.takes_inputs else replace(eff, rounding="rtn"))
+                chosen[site.name] = (site, eff if site.takes_inputs else eff.with_options(rounding="rtn"))
         return chosen
 
     def _needs_data(self, chosen: dict) -> bool:
@@ -97,7 +100,7 @@ class BlockDriver:
         """An AttentionObserver when the block's q or k site is learned-rounded with the attention-aware
         objective (spec §4.4), else None."""
         wanted = [eff for site, eff in chosen.values() if site.role in ("query", "key")]
-        if not any(eff.attention_aware and eff.rounding.endswith("llr") for eff in wanted):
+        if not any(eff.rounding.attention_aware and eff.rounding.method.learns for eff in wanted):
             return None
         attention = self.adapter.attention(block, kwargs)
         if attention is None or not {attention.query, attention.key} & set(chosen):
@@ -132,7 +135,7 @@ class BlockDriver:
         fp_block = copy.deepcopy(block.module) if (fp_inputs is not None or self.reconstruct) else None
         if inputs is None or not calibrated:
             self.quantize_sites(list(chosen), chosen, {}, {}, bars)
-        elif fp_inputs is None or not self.recipe.fp_target:
+        elif fp_inputs is None or not self.recipe.calibration.fp_target:
             hooks = observer.hooks() if observer else ()
             hessians = block_hessians(run, calibrated, inputs, hooks)
             self.quantize_sites(list(chosen), chosen, hessians, observer.factors() if observer else {}, bars)
@@ -191,7 +194,7 @@ class BlockDriver:
             self.streamer.done(block.name, self.block_params)
 
     def run(self, on_block_done=None) -> tuple[list[LayerRecord], dict]:
-        torch.manual_seed(self.recipe.seed)
+        torch.manual_seed(self.recipe.calibration.seed)
         self.adapter.prepare(self.model)
         plan = self.adapter.plan(self.model)
         start = self.restore(plan)

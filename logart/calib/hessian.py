@@ -9,7 +9,7 @@
 H is kept as a running average in float32 (as GPTQ does): every batch rescales the sum so far, so its entries
 stay the size of one token's x xᵀ however many tokens arrive. Spec: logart-reference.md §4.4-4.5.
 
-Full-precision targets (`Recipe.fp_target`): block by block, the quantized model's inputs x drift away from the
+Full-precision targets (`Recipe.calibration.fp_target`): block by block, the quantized model's inputs x drift away from the
 full-precision model's inputs x° for the same token. GPTQ's objective Σ ||(Q - W) x||² asks a layer to reproduce
 the full-precision *layer* on the drifted inputs; Σ ||Q x - W x°||² asks it to reproduce the full-precision
 *model*, so each layer also undoes some of the error of the blocks before it (the asymmetric calibration of

@@ -36,16 +36,16 @@ def _whole_groups(W: torch.Tensor, H, group_size: int):
 
 
 def _asymmetry_per_row(cb, W, score, recipe, found):
-    """With `recipe.abs_per_row` (strict log codebooks with ABS): search the symmetric table too, and let every row
+    """With `recipe.search.abs_per_row` (strict log codebooks with ABS): search the symmetric table too, and let every row
     keep whichever of the two its score prefers. In strict mode the derived asymmetric window gives the smaller
     sign's levels up for finer low ones, which measured worse than the symmetric table on many SmolLM2 rows.
     Returns (search result, number of rows that took the symmetric table or None)."""
     spec = cb.spec
-    if not (recipe.abs_per_row and spec.is_log and not spec.symmetric and spec.mode == "strict"):
+    if not (recipe.search.abs_per_row and spec.is_log and not spec.symmetric and spec.mode == "strict"):
         return found, None
     sym = make_codebook(replace(spec, symmetric=True))
-    found_sym = search(sym, sym.rows(W), score, default_k_values(sym, recipe.dbs), default_s_values(sym, recipe.sfs),
-                       strategy=recipe.search)
+    found_sym = search(sym, sym.rows(W), score, default_k_values(sym, recipe.search.dbs),
+                       default_s_values(sym, recipe.search.sfs), strategy=recipe.search.strategy)
     merged, pick = per_row_best([found, found_sym])
     return merged, int(pick.sum())
 
@@ -53,35 +53,36 @@ def _asymmetry_per_row(cb, W, score, recipe, found):
 def quantize_site(site, cb, recipe, hessian=None, G=None):
     """Quantize the weight of `site` (a WeightSite, models/sites.py) in place. `hessian`: the HessianAccumulator
     of its input rows (None: data-free). `G`: per-head attention factors [heads, head_dim, head_dim] for a q/k
-    projection; with `recipe.attention_aware` LLR minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ)
+    projection; with `recipe.rounding.attention_aware` LLR minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ)
     (spec §4.4). Returns (LayerRecord, params)."""
     t0 = time.perf_counter()
-    G = G if recipe.attention_aware and recipe.rounding.endswith("llr") else None
+    rounding = recipe.rounding
+    G = G if rounding.attention_aware and rounding.method.learns else None
     W = site.matrix()
     H, dead = None, None
     if hessian is not None:
-        H, dead = hessian.finalize(damp=recipe.damp)
+        H, dead = hessian.finalize(damp=recipe.calibration.damp)
         W[:, dead] = 0  # inputs that never fired: their weights cannot matter, and H is only damped there
-        if recipe.fp_target:  # move toward the full-precision model's output (calib/hessian.py)
-            W = hessian.target(W, H, recipe.fp_target)
+        if recipe.calibration.fp_target:  # move toward the full-precision model's output (calib/hessian.py)
+            W = hessian.target(W, H, recipe.calibration.fp_target)
     W, H = _whole_groups(W, H, cb.spec.group_size)
-    score = HessianScore(H) if (H is not None and recipe.score == "hessian") else WeightSSE()
-    found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.dbs), default_s_values(cb, recipe.sfs),
-                   strategy=recipe.search)
+    score = HessianScore(H) if (H is not None and recipe.search.score == "hessian") else WeightSSE()
+    found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.search.dbs),
+                   default_s_values(cb, recipe.search.sfs), strategy=recipe.search.strategy)
     found, symmetric_rows = _asymmetry_per_row(cb, W, score, recipe, found)
     params = found.params
-    if recipe.rounding.startswith("gptq"):
-        rounded = gptq(W, H, cb, params, act_order=recipe.act_order)
+    if rounding.method.uses_gptq:
+        rounded = gptq(W, H, cb, params, act_order=rounding.act_order)
     else:
         rounded = rtn(W, cb, params)
     kept = None
-    if recipe.rounding.endswith("llr"):
-        lam = recipe.llr_lambda_qkv if site.role in ("query", "key", "value", "qkv") else recipe.llr_lambda
-        config = LLRConfig(iters=recipe.llr_iters, lr=recipe.llr_lr, reg_weight=lam)
+    if rounding.method.learns:
+        lam = rounding.llr_lambda_qkv if site.role in ("query", "key", "value", "qkv") else rounding.llr_lambda
+        config = LLRConfig(iters=rounding.llr_iters, lr=rounding.llr_lr, reg_weight=lam)
         learned = learned_rounding(W, H, cb, params, source=rounded.source, G=G, config=config)
         # LLR chooses between the two neighbours of its source; after GPTQ it can end above GPTQ's own error
         # (measured on SmolLM2 layers), so the better of the two hard roundings (by LLR's own objective) is kept.
-        objective = QuadraticLoss(H, *W.shape, W.device, G) if recipe.rounding != "llr" else None
+        objective = QuadraticLoss(H, *W.shape, W.device, G) if rounding.method.uses_gptq else None
         if objective is None or objective.value(learned.weight - W) <= objective.value(rounded.weight - W):
             rounded, kept = learned, "llr"
         else:
@@ -90,7 +91,7 @@ def quantize_site(site, cb, recipe, hessian=None, G=None):
     site.write(W_hat)
     if H is not None:
         after = hessian_loss(W_hat - W, H)
-        before = found.baseline_loss if recipe.score == "hessian" else float("nan")
+        before = found.baseline_loss if recipe.search.score == "hessian" else float("nan")
     else:
         after = float((W_hat - W).pow(2).sum())
         before = found.baseline_loss

@@ -28,6 +28,15 @@ class Codebook:
         """(levels [R, M] ascending, bounds [R, M-1]) for every row."""
         raise NotImplementedError
 
+    # --- search axes: the candidates the parameter search may try (search/grid.py) ----------------------
+    def k_candidates(self) -> list[int] | None:
+        """The base splits k the search may try, in the original's order; None: no k axis (uniform)."""
+        return None
+
+    def s_candidates(self) -> torch.Tensor:
+        """The scale multipliers s the search may try (SFS): 1.00, 0.99, ..., 0.01 (float32, as the original)."""
+        return torch.arange(1.0, 0.0, -0.01)
+
     # --- row API (used by search/ and rounding/) ----------------------------------------------------
     def encode_rows(self, rows: torch.Tensor, params) -> torch.Tensor:
         return encode_rows(rows, self.tables(params)[1])

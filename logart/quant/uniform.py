@@ -35,6 +35,10 @@ class UniformCodebook(Codebook):
         super().__init__(spec)
         self.maxq = 2 ** spec.bits - 1
 
+    def s_candidates(self) -> torch.Tensor:
+        """Clip ratios 1.00, 0.99, ..., 0.21: the 80 shrink steps of GPTQ's MSE clip search."""
+        return super().s_candidates()[:80]
+
     def table_size(self) -> int:
         return self.maxq + 1
 

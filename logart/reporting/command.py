@@ -60,7 +60,7 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
     """Write the report of the run in `folder`: errors.png, k_distribution.png, s_distribution.png, one
     codebook_<layer>.png per chosen layer (`layers`: regexes; default a few representative ones) and summary.md.
     `model`: the full-precision model (name or path) to overlay its weights on the codebook figures."""
-    from logart.reporting import plots
+    import logart.reporting.plots as plots
     from logart.reporting.rows import row_view
     from logart.reporting.sizes import measure
     from logart.reporting.summary import write_summary

@@ -29,10 +29,9 @@ def layer_kind(name: str) -> str:
 
 def recorded_recipe(recipe: dict):
     """The `Recipe` recorded in report.json, or None where it cannot be rebuilt (a report of an older version)."""
-    from logart.quant import QuantSpec
     from logart.recipes import Recipe
     try:
-        return Recipe(**{**recipe, "codebook": QuantSpec(**recipe["codebook"]), "ignore": tuple(recipe.get("ignore", ()))})
+        return Recipe.from_dict(recipe)
     except (TypeError, KeyError, ValueError):
         return None
 

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from logart.reporting.run import RunFolder, needs_calibration
+from logart.reporting.run import RunFolder, recorded_recipe
 from logart.reporting.sizes import Sizes
 
 
@@ -49,15 +49,19 @@ def describe_codebook(cb: dict) -> str:
 
 
 def describe_recipe(recipe: dict) -> str:
-    if not recipe:
+    r = recorded_recipe(recipe) if recipe else None
+    if r is None:
         return "—"
-    on = [name for name, key in (("DBS", "dbs"), ("SFS", "sfs")) if recipe.get(key)]
-    parts = [f"**{recipe.get('name')}**", f"search {'+'.join(on) or 'none'} ({recipe.get('search')}, "
-             f"{recipe.get('score')} score)", f"rounding {recipe.get('rounding')}"]
-    if "llr" in str(recipe.get("rounding")):
-        parts.append(f"{recipe.get('llr_iters')} LLR iterations")
-    if needs_calibration(recipe):
-        parts.append(f"calibration {recipe.get('nsamples')} × {recipe.get('seqlen')} tokens, seed {recipe.get('seed')}")
+    s, rd, c = r.search, r.rounding, r.calibration
+    on = [name for name, flag in (("DBS", s.dbs), ("SFS", s.sfs)) if flag]
+    parts = [f"**{r.name}**", f"search {'+'.join(on) or 'none'} ({s.strategy}, {s.score} score)",
+             f"rounding {rd.method}"]
+    if rd.method.learns:
+        parts.append(f"{rd.llr_iters} LLR iterations")
+    if r.reconstruction.kind != "none":
+        parts.append(f"{r.reconstruction.kind} reconstruction ({r.reconstruction.iters} iterations)")
+    if r.needs_calibration:
+        parts.append(f"calibration {c.nsamples} × {c.seqlen} tokens, seed {c.seed}")
     else:
         parts.append("data-free (no calibration)")
     if recipe.get("ignore"):

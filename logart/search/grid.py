@@ -50,19 +50,14 @@ FAST_CHUNK_ELEMS = 1 << 26
 def default_k_values(cb, dbs: bool = True) -> list[int] | None:
     """K_n in the original order when DBS is on; otherwise the method's single split (L for log2 and
     log_dynamic, i.e. pure base 2; 0 for log_sqrt2). None for codebooks without a base split (uniform)."""
-    if not hasattr(cb, "k_candidates"):
-        return None
     ks = cb.k_candidates()
-    return ks if dbs else ks[:1]
+    return None if ks is None else ks if dbs else ks[:1]
 
 
 def default_s_values(cb, sfs: bool = True) -> torch.Tensor:
-    """S = {1.00, 0.99, ..., 0.01} (float32 arange, as the original) for log codebooks, {1.00, ..., 0.21} for
-    uniform ones; {1.0} when SFS is off."""
-    if not sfs:
-        return torch.ones(1)
-    s = torch.arange(1.0, 0.0, -0.01)
-    return s if hasattr(cb, "k_candidates") else s[:80]
+    """The codebook's own s axis (`Codebook.s_candidates`: {1.00, ..., 0.01} for log codebooks, {1.00, ..., 0.21}
+    for uniform ones); {1.0} when SFS is off."""
+    return cb.s_candidates() if sfs else torch.ones(1)
 
 
 @dataclass(frozen=True)
