@@ -53,6 +53,9 @@ def baseline_rows() -> dict:
     # the two best W3 options together: attention-aware rounding and the target strength of the screen (RESULTS)
     rows["logart-w3_pc-attention-a0.5"] = ["--recipe", "logart", "--bits", "3", "--attention-aware",
                                            "--fp-target", "0.5"]
+    # block reconstruction (BRECQ) after logart-fast's search and rounding, 100 iterations of one window per block
+    rows["logart-fast-w3_pc-reconstruct"] = ["--recipe", "logart-fast", "--bits", "3", "--reconstruct", "block",
+                                             "--recon-iters", "100"]
     rows["log2-rtn-w3_pc-reference"] = ["--recipe", "log2-rtn", "--bits", "3", "--mode", "reference"]
     rows["logart-fast-w3_pc-reference"] = ["--recipe", "logart-fast", "--bits", "3", "--mode", "reference",
                                            "--search", "exhaustive"]
