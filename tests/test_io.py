@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from logart.api import quantize
 from logart.io import kernel
 from logart.io.checkpoint import WEIGHTS, load_quantized, save_quantized
 from logart.io.linear import LogLinear
@@ -183,3 +184,51 @@ def test_format_version_and_foreign_folders(checkpoint, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LogartError, match="not a logart checkpoint"):
         load_quantized(other)
+
+
+def _damaged_copy(src, dst, edit):
+    """A copy of the checkpoint folder `src` whose weights file went through `edit(tensors, meta)`."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    return dst
+
+
+def _tiny_checkpoint(tmp_path):
+    model = tiny_causal_lm("llama")
+    calib = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = quantize(model, "logart-fast", calib, bits=4, nsamples=2, seqlen=16, progress=False, log=None)
+    return save_quantized(model, tmp_path / "ok", result.params, result.recipe)
+
+
+def test_nan_in_a_row_scale_is_refused_even_with_a_matching_checksum(tmp_path):
+    import json as _json
+
+    from logart.errors import LogartError
+    from logart.io.checkpoint import _sha256
+
+    def poison(tensors, meta):
+        name = next(k for k in tensors if k.endswith(".row_scale"))
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+        sums = _json.loads(meta["logart.sha256"])
+        sums[name] = _sha256(tensors[name])          # the checksum recomputed: only the finiteness check is left
+        meta["logart.sha256"] = _json.dumps(sums)
+
+    bad = _damaged_copy(_tiny_checkpoint(tmp_path), tmp_path / "bad", poison)
+    with pytest.raises(LogartError, match="NaN or inf"):
+        load_quantized(bad)
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
+    bad = _damaged_copy(_tiny_checkpoint(tmp_path), tmp_path / "nosum", lambda t, meta: meta.pop("logart.sha256"))
+    with pytest.warns(UserWarning, match="cannot be verified"):
+        load_quantized(bad)

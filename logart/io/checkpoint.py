@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -175,7 +176,9 @@ def check_header(expected: dict, found: dict) -> None:
 def check_loaded(model, found: dict, meta: dict, expected: dict | None = None) -> None:
     """The one load check of a packed checkpoint, for every way it is read (`load_quantized`, transformers'
     `from_pretrained`): `model` must hold exactly the tensors the file has, none left on the meta device, each
-    with the shape and dtype the model's skeleton expects and the checksum `save_quantized` recorded.
+    with the shape and dtype the model's skeleton expects, finite (NaN / inf in a float tensor is an error, whatever
+    the checksum says), and with the checksum `save_quantized` recorded. A file without checksums loads with a
+    warning that it cannot be verified (a checkpoint re-saved by transformers' save_pretrained has none).
 
     found: {tensor name: (shape, dtype)} as read from the file's header; meta: its metadata; expected:
     {name: (shape, dtype)} of the empty skeleton before loading (default: the tensors as loaded)."""
@@ -186,8 +189,15 @@ def check_loaded(model, found: dict, meta: dict, expected: dict | None = None) -
     if leftover:
         raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
                           "the checkpoint is incomplete; re-export it.")
+    if "logart.sha256" not in meta:
+        warnings.warn("logart: this checkpoint carries no checksums (logart.sha256 metadata), so its tensors cannot "
+                      "be verified; it loads, but a damaged file would go unnoticed. Re-save it with "
+                      "logart.save_quantized to restore the checks.", stacklevel=3)
     sums = json.loads(meta.get("logart.sha256", "{}"))
     for k, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LogartError(f"tensor {k} holds NaN or inf values: the checkpoint is damaged (a valid logart "
+                              "checkpoint has finite weights, scales and tables).", "re-export the checkpoint.")
         want = (expected or {}).get(k, (tuple(t.shape), t.dtype))
         if tuple(found[k]) != want or (tuple(t.shape), t.dtype) != want:
             raise LogartError(f"tensor {k} has shape {found[k][0]} / {found[k][1]} in the file, the model expects "
