@@ -59,8 +59,9 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     if reconstruction is None and rc.kind == "block":
         from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig
 
-        reconstruction = BlockReconstruction(ReconstructConfig(iters=rc.iters, loss=rc.loss, qdrop=rc.qdrop,
-                                                            seed=recipe.calibration.seed), progress=progress)
+        config = ReconstructConfig(iters=rc.iters, loss=rc.loss, qdrop=rc.qdrop, hard_forward=rc.forward == "hard",
+                                   seed=recipe.calibration.seed)
+        reconstruction = BlockReconstruction(config, progress=progress)
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
                                      streamer=streamer, reconstruct=reconstruction)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,

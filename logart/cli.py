@@ -60,6 +60,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--recon-iters", type=int, help="block reconstruction iterations per block (default 200)")
     p.add_argument("--recon-loss", choices=["mse", "nlc"],
                    help="block output loss: mse (BRECQ, default) or nlc (negative log cosine similarity, LRQuant)")
+    p.add_argument("--recon-forward", choices=["hard", "soft"],
+                   help="hard (default): the block trains on the hard rounding choices, gradients through the soft "
+                        "path (straight-through); soft: BRECQ's soft weights with an annealed regulariser")
     p.add_argument("--qdrop", type=float, metavar="P",
                    help="QDrop: each reconstruction input element is the full-precision one with probability P")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
@@ -102,7 +105,7 @@ def _recipe_from(args):
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
-                 "reconstruct", "recon_iters", "recon_loss", "qdrop"):
+                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

@@ -164,9 +164,11 @@ class ReconstructionConfig:
     iters: int = 200
     loss: str = "mse"                # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
     qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
+    forward: str = "hard"            # "hard": straight-through on the hard choices; "soft": BRECQ's relaxation
 
     def __post_init__(self):
         _choice(self.kind, RECONSTRUCTIONS, "reconstruction", "")
+        _choice(self.forward, ("hard", "soft"), "reconstruction forward", "use hard or soft.")
         _choice(self.loss, ("mse", "nlc"), "reconstruction loss", "use mse or nlc.")
         if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0:
             raise LogartError(f"invalid block reconstruction settings ({self.iters} iterations, QDrop {self.qdrop}).",
@@ -191,6 +193,7 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         **{k: ("calibration", k) for k in ("nsamples", "seqlen", "seed", "damp", "fp_target")},
         "reconstruct": ("reconstruction", "kind"), "recon_iters": ("reconstruction", "iters"),
         "recon_loss": ("reconstruction", "loss"), "qdrop": ("reconstruction", "qdrop"),
+        "recon_forward": ("reconstruction", "forward"),
         "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
 
 

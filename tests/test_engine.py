@@ -167,11 +167,13 @@ class MLPBlock(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
-def test_block_reconstruction_beats_layerwise_llr_on_the_block_output():
+@pytest.mark.parametrize("hard_forward", [True, False])
+def test_block_reconstruction_beats_layerwise_llr_on_the_block_output(hard_forward):
     torch.manual_seed(0)
     model = nn.Sequential(MLPBlock()).eval()
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
-    engine = BlockReconstruction(ReconstructConfig(iters=300, batch=16, seed=0), progress=False)
+    engine = BlockReconstruction(ReconstructConfig(iters=300, batch=16, seed=0, hard_forward=hard_forward),
+                                 progress=False)
     result = logart.quantize(model, "logart-fast", x, bits=3, rounding="llr", llr_iters=200, progress=False,
                              log=None, adapter=CNN(example=x[:2]), reconstruction=engine)
     info = next(r.extra["reconstruct"] for r in result.layers if "reconstruct" in r.extra)

@@ -6,7 +6,15 @@ every weight of the block is learned *together*, against the block's output:
     min_V  loss(block_q(x), block_fp(x_fp)) + λ Σ_sites Σ (1 - |2h - 1|^β)
 
 with each weight on the soft path between its two neighbouring levels (rounding/soft.py, the same relaxation as
-layer-wise LLR; log codebooks interpolate the exponent). block_fp is the block's full-precision copy and x_fp its
+layer-wise LLR; log codebooks interpolate the exponent). Two ways to run the block during training:
+
+    hard_forward (default)  the block runs on the hard choices (h >= 0.5), the gradient takes the soft path
+                            (straight-through, as AutoRound does): what is optimised is what is kept
+    soft                    BRECQ / AdaRound: the block runs on the soft weights and the annealed regulariser
+                            drives h to 0 or 1
+
+On SmolLM2 (W3, 100 iterations, the first blocks) the soft relaxation ended *above* the layer-wise result after
+hardening, and the straight-through variant 60 % below it (docs/RESULTS.md), hence the default. block_fp is the block's full-precision copy and x_fp its
 full-precision inputs (the driver carries that stream while reconstruction is on); x is what the quantized model
 feeds the block, or with QDrop (`qdrop = p`) each element is the full-precision one with probability p.
 
@@ -51,6 +59,7 @@ class ReconstructConfig:
     beta_end: float = 2.0
     loss: str = "mse"
     qdrop: float = 0.0        # probability that an input element is the full-precision one (QDrop); 0: off
+    hard_forward: bool = True   # straight-through: the block runs on the hard choices, gradients take the soft path
     seed: int = 0
 
     def __post_init__(self):
@@ -154,6 +163,13 @@ class BlockReconstruction:
         if driver.log:
             driver.log(f"{block.name}: block reconstruction {before:.4g} -> {after:.4g}, kept the {kept} rounding")
 
+    def _weight(self, sr, tables) -> torch.Tensor:
+        soft = sr()
+        if not self.config.hard_forward:
+            return soft
+        hard = tables.decode(sr.hard_codes())
+        return hard + (soft - soft.detach())
+
     def _train(self, call, softs, inputs, x_fp, targets, block) -> None:
         frozen = [p for p in block.module.parameters() if p.requires_grad]
         for p in frozen:       # only V (and any step sizes) learn; no gradient for the block's own parameters
@@ -176,7 +192,8 @@ class BlockReconstruction:
             if cfg.qdrop > 0:
                 keep_fp = torch.rand(x.shape, generator=gen) < cfg.qdrop
                 x = torch.where(keep_fp, x_fp[idx], x)
-            weights = {key: sr()[:, :site.columns].reshape(site.weight.shape) for key, (site, sr, _) in softs.items()}
+            weights = {key: self._weight(sr, tables)[:, :site.columns].reshape(site.weight.shape)
+                       for key, (site, sr, tables) in softs.items()}
             y = torch.func.functional_call(call, weights, (x,))
             loss = output_loss(y, targets[idx], cfg.loss)
             beta = cfg.beta(it)
