@@ -165,6 +165,11 @@ def cmd_eval(args):
     _compare_with_run(args, windows, ppl)
 
 
+def _recorded_seqlen(recipe: dict):
+    """The calibration window length of a recorded recipe (nested pieces; the flat layout of older runs)."""
+    return (recipe.get("calibration") or {}).get("seqlen", recipe.get("seqlen"))
+
+
 def _compare_with_run(args, windows, ppl):
     """Set the reloaded perplexity beside the one the quantizing run measured in memory, when comparable."""
     import json
@@ -176,7 +181,7 @@ def _compare_with_run(args, windows, ppl):
     run = json.loads(path.read_text())
     requested = None if args.eval_windows == 0 else args.eval_windows
     same = (run.get("eval") == args.eval and run.get("eval_windows") == requested
-            and run.get("recipe", {}).get("seqlen") == windows.shape[1])
+            and _recorded_seqlen(run.get("recipe") or {}) == windows.shape[1])
     if same and run.get("ppl"):
         print(f"in-memory perplexity of the quantizing run (report.json): {run['ppl']:.4f}; "
               f"relative difference {abs(ppl - run['ppl']) / run['ppl']:.2e}")

@@ -231,7 +231,7 @@ def test_cli_override_and_ends(tmp_path):
                  "--quiet"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert [o["pattern"] for o in qc["recipe"]["overrides"]] == [r"layers\.0\.", "layers"]
-    assert qc["recipe"]["quantize_lm_head"] and qc["recipe"]["quantize_embeddings"]
+    assert qc["recipe"]["lm"]["quantize_lm_head"] and qc["recipe"]["lm"]["quantize_embeddings"]
     assert "lm_head" in qc["modules"] and "model.embed_tokens" in qc["modules"]
     assert not any("down_proj" in n for n in qc["modules"])
     assert qc["module_specs"]["model.layers.0.self_attn.q_proj"]["bits"] == 3

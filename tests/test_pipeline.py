@@ -111,7 +111,7 @@ def test_cli_attention_aware(local_model, tmp_path):
     assert _cli("quantize", "--model", folder, "--bits", 3, "--recipe", "logart", "--attention-aware", "--llr-iters", 5,
                 "--nsamples", 2, "--seqlen", 64, "--calib", text, "--no-eval", "--quiet", "--output", out) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["recipe"]["attention_aware"] is True
+    assert report["recipe"]["rounding"]["attention_aware"] is True
     flagged = [r["name"] for r in report["layers"] if r["extra"].get("attention_aware")]
     assert len(flagged) == 4 and all(n.endswith(("q_proj", "k_proj")) for n in flagged)
 
