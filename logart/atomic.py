@@ -48,6 +48,20 @@ def refuse_to_overwrite(directory, overwrite: bool) -> None:
                           "choose another --output folder, or pass overwrite=True / --overwrite.")
 
 
+def check_writable(directory, overwrite: bool = False) -> None:
+    """Before any slow work: the folder must be creatable and writable where it will be written (its nearest
+    existing parent), and not hold a user's files (unless `overwrite`)."""
+    directory = Path(directory)
+    refuse_to_overwrite(directory, overwrite)
+    parent = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise LogartError(f"cannot create {directory}: {parent} is a file, not a folder.",
+                          "choose an --output path whose parents are folders.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LogartError(f"cannot write {directory}: {parent} is not writable.",
+                          "choose an --output folder you can write to.")
+
+
 def write_folder(directory, write, overwrite: bool = False) -> Path:
     """`write(tmp)` fills a temporary folder beside `directory`; its files are synced and it is renamed into place
     (an existing folder is replaced only with `overwrite`)."""

@@ -242,7 +242,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resumable = getattr(args, "command", None) == "quantize" and getattr(args, "output", None)
+        print("interrupted" + ("; rerun the same command to resume after the last finished block "
+                               f"(kept in {args.output}.partial)" if resumable else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -19,7 +19,8 @@ from logart.calib.resume import RunState, fingerprint
 from logart.data import calibration_set, eval_set, text_source
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
-from logart.io.checkpoint import pack_model, refuse_to_overwrite, save_quantized
+from logart.atomic import check_writable
+from logart.io.checkpoint import pack_model, save_quantized
 from logart.models import detach_gguf, load_causal_lm
 from logart.models.streaming import open_streaming, parse_size, resident_bytes
 from logart.errors import LogartError
@@ -67,9 +68,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_output(opts: RunOptions) -> None:
-    """Refuse a non-empty output folder before hours of work, not after."""
+    """Refuse a non-empty or unwritable output folder before hours of work, not after."""
     if opts.output:
-        refuse_to_overwrite(opts.output, opts.overwrite)
+        check_writable(opts.output, opts.overwrite)
+        check_writable(f"{opts.output}.partial", overwrite=True)   # the resumable state is written beside it
 
 
 def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:

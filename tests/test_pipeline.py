@@ -153,3 +153,36 @@ def test_abs_per_row_never_raises_the_first_blocks_rtn_loss():
             assert any(rec.extra["symmetric_rows"] for rec in r.layers)
     assert all(b <= a * (1 + 1e-6) for a, b in zip(losses[False], losses[True]))
     assert sum(losses[True]) < sum(losses[False])
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert _cli("quantize", "--model", "no-such-model", "--output", blocker / "run", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_generate_without_a_tokenizer_says_so(tmp_path, capsys):
+    from logart.api import quantize
+    from logart.io.checkpoint import save_quantized
+    from logart.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    result = quantize(model, "log2-rtn", None, bits=4, progress=False, log=None)
+    save_quantized(model, tmp_path / "ck", result.params, result.recipe)   # no tokenizer saved
+    assert _cli("generate", tmp_path / "ck", "hello") == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer" in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_quantize_says_that_rerunning_resumes(tmp_path, capsys, monkeypatch):
+    import logart.pipeline
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logart.pipeline, "run", interrupted)
+    assert _cli("quantize", "--output", tmp_path / "w3", "--quiet") == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err

@@ -16,6 +16,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> st
 
     if not isinstance(prompt, str) or not prompt:
         raise LogartError("generate_text() needs a non-empty prompt string.", "pass e.g. 'The capital of France is'.")
+    if tokenizer is None:
+        raise LogartError("there is no tokenizer to turn the prompt into tokens (the checkpoint folder has no "
+                          "tokenizer files).", "save the tokenizer into the folder (tokenizer.save_pretrained(DIR)); "
+                          "logart quantize --output saves it.")
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
