@@ -214,7 +214,11 @@ class Recipe:
 
     def __post_init__(self):
         for pattern in self.ignore:
-            Override(pattern)  # an Override checks its regex: the same message for a bad ignore pattern
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LogartError(f"ignore pattern {pattern!r} is not a valid regular expression ({e}).",
+                                  "escape special characters, e.g. 'layers\\.0\\.mlp'.") from e
         # Python callers may write rules as "REGEX:key=value" strings or dicts, like the CLI and config.json do.
         rules = tuple(Override.parse(r) if isinstance(r, str) else Override(**r) if isinstance(r, dict) else r
                       for r in self.overrides)

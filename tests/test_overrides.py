@@ -251,3 +251,17 @@ def test_cli_override_and_ends(tmp_path):
     assert not plain.config.tie_word_embeddings
     for name in ("model.embed_tokens", "lm_head", "model.layers.0.mlp.up_proj"):
         assert torch.equal(plain.get_submodule(name).weight, model.get_submodule(name).dequantize()), name
+
+
+@pytest.mark.parametrize("option", ["ignore", "overrides"])
+def test_a_rule_that_matches_no_weight_is_an_error(option):
+    from logart.api import quantize
+
+    rule = r"layers\.7\.mlp" if option == "ignore" else r"layers\.7\.mlp:bits=4"
+    with pytest.raises(LogartError, match=r"matches none of the \d+ weights"):
+        quantize(tiny_causal_lm("llama"), "log2-rtn", None, bits=3, progress=False, log=None, **{option: (rule,)})
+
+
+def test_a_bad_ignore_regex_is_called_an_ignore_pattern():
+    with pytest.raises(LogartError, match="ignore pattern"):
+        make_recipe("log2-rtn", ignore=("layers[",))

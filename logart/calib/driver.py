@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -197,6 +198,7 @@ class BlockDriver:
         torch.manual_seed(self.recipe.calibration.seed)
         self.adapter.prepare(self.model)
         plan = self.adapter.plan(self.model)
+        check_rules(self.recipe, [site.name for block in plan for site in block.sites])
         start = self.restore(plan)
         bar = tqdm(range(start, len(plan)), desc="blocks", disable=not self.progress, unit="block")
         for index in bar:
@@ -209,6 +211,18 @@ class BlockDriver:
             if on_block_done is not None:
                 on_block_done(index, time.perf_counter() - t0)
         return self.records, self.params
+
+
+def check_rules(recipe, names: list[str]) -> None:
+    """Every --ignore and --override pattern must match at least one weight the run quantizes: a typo in a
+    module name would otherwise quantize everything as if the rule were not there."""
+    rules = [("--ignore", p) for p in recipe.ignore] + [("--override", r.pattern) for r in recipe.overrides]
+    for option, pattern in rules:
+        if not any(re.search(pattern, n) for n in names):
+            examples = ", ".join(names[:2] + names[-1:])
+            raise LogartError(f"{option} pattern {pattern!r} matches none of the {len(names)} weights this run "
+                              f"quantizes (full names such as {examples}).",
+                              "fix the pattern (it is searched in the full module name), or drop the rule.")
 
 
 def _relative(name: str, prefix: str) -> str:
