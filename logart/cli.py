@@ -34,7 +34,8 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                    help="embedded name (smollm2-135m), a local Hugging Face folder, or a local .gguf file")
     p.add_argument("--recipe", default=d.get("recipe", "logart"), choices=list(PRESETS))
     p.add_argument("--bits", type=int, default=d.get("bits", 4))
-    p.add_argument("--group-size", type=int, default=-1, help="-1 per output channel (default), or e.g. 128")
+    p.add_argument("--group-size", type=int, default=-1,
+                   help="-1 per output channel (default), 0 one table for the whole weight (per tensor), or e.g. 128")
     p.add_argument("--mode", default="strict", choices=["strict", "reference"],
                    help="strict: packable n-bit codes (default); reference: the original code's numerics")
     p.add_argument("--hardware-approx", action="store_true", help="1 + 1/2 multiplier-free sqrt(2) levels")
