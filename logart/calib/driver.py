@@ -55,7 +55,7 @@ class BlockDriver:
                  reconstruct=None):
         self.model, self.adapter, self.recipe, self.data = model, adapter, recipe, data
         self.progress, self.log, self.state, self.streamer = progress, log, state, streamer
-        self.reconstruct = reconstruct          # a callable (driver, block, chosen, stream) or None
+        self.reconstruct = reconstruct   # called (driver, block, chosen, inputs, kwargs, fp_inputs, fp_module), or None
         self.codebook_of = functools.cache(make_codebook)   # one codebook per distinct spec, shared by its sites
         self.records: list[LayerRecord] = []
         self.params: dict = {}
