@@ -31,7 +31,6 @@ parameters that the same optimiser trains (none by default).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,22 +40,21 @@ from tqdm.auto import tqdm
 from logart.errors import LogartError
 from logart.quant.rows import padded_width
 from logart.rounding.learned import LLRConfig
-from logart.rounding.soft import SoftRounding
+from logart.rounding.soft import AnnealSchedule, SoftRounding
 from logart.rounding.tables import LayerTables, weight_matrix
 
 LOSSES = ("mse", "nlc")
 
 
 @dataclass(frozen=True)
-class ReconstructConfig:
+class ReconstructConfig(AnnealSchedule):
+    """The schedule (`AnnealSchedule`, as layer-wise LLR) with BRECQ's λ and a cosine down to 0, plus the block
+    loss and its inputs."""
+
     iters: int = 200
-    batch: int = 1            # samples per step
-    lr: float = 0.05
     lr_min_ratio: float = 0.0
     reg_weight: float = 0.01
-    warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
+    batch: int = 1            # samples per step
     loss: str = "mse"
     qdrop: float = 0.0        # probability that an input element is the full-precision one (QDrop); 0: off
     hard_forward: bool = True   # straight-through: the block runs on the hard choices, gradients take the soft path
@@ -70,17 +68,6 @@ class ReconstructConfig:
         if self.iters < 1 or self.batch < 1:
             raise LogartError("block reconstruction needs at least one iteration of at least one sample.",
                               "use e.g. iters=200, batch=1.")
-
-    def beta(self, i: int) -> float | None:
-        start = self.warmup * self.iters
-        if i < start:
-            return None
-        rel = (i - start) / max(self.iters - start, 1e-12)
-        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
-
-    def lr_at(self, i: int) -> float:
-        lo = self.lr * self.lr_min_ratio
-        return lo + (self.lr - lo) * (1 + math.cos(math.pi * i / self.iters)) / 2
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,30 +33,22 @@ Deterministic: there is no randomness anywhere (init, order and optimiser are fi
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
 from logart.errors import LogartError
-from logart.rounding.soft import SoftRounding
+from logart.rounding.soft import AnnealSchedule, SoftRounding
 from logart.rounding.tables import LayerTables, Rounded, weight_matrix
 
 
 @dataclass(frozen=True)
-class LLRConfig:
-    """LLR settings; defaults are the LLM reference's (`--num_iters 500 --lr 0.05 --round_weight 1`).
-
-    reg_weight: λ; the reference uses 1.5 for q/k/v projections (`--round_weight_qkv`), 1.0 elsewhere.
+class LLRConfig(AnnealSchedule):
+    """LLR settings; the schedule's defaults (`AnnealSchedule`) are the LLM reference's (`--num_iters 500 --lr 0.05
+    --round_weight 1`). reg_weight: λ; the reference uses 1.5 for q/k/v projections (`--round_weight_qkv`), 1.0
+    elsewhere.
     """
 
-    iters: int = 500
-    lr: float = 0.05
-    lr_min_ratio: float = 0.3
-    reg_weight: float = 1.0
-    warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
     gamma: float = -0.1
     zeta: float = 1.1
     record_every: int = 50   # loss samples in Rounded.history (each costs one extra matmul and a sync)
@@ -74,17 +66,6 @@ class LLRConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def beta(self, i: int) -> float:
-        start = self.warmup * self.iters
-        if i < start:
-            return self.beta_start
-        rel = (i - start) / max(self.iters - start, 1e-12)
-        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
-
-    def lr_at(self, i: int) -> float:
-        lo = self.lr * self.lr_min_ratio
-        return lo + (self.lr - lo) * (1 + math.cos(math.pi * i / self.iters)) / 2
 
 
 class QuadraticLoss:
@@ -205,9 +186,8 @@ def learned_rounding(w: torch.Tensor, H: torch.Tensor, cb, params, *, source: to
     opt = _adam(V, cfg.lr)
     history = []
     for it in range(cfg.iters):
-        reg_on = it >= cfg.warmup * cfg.iters
         record = cfg.record_every > 0 and it % cfg.record_every == 0
-        g, rec, reg = obj.grad(V, cfg.beta(it) if reg_on else None, want_value=record)
+        g, rec, reg = obj.grad(V, cfg.beta(it), want_value=record)
         if record:
             history.append((it, rec, reg, loss.value(tables.decode(obj.hard_codes(V)) - W)))
         V.grad = g

@@ -16,6 +16,9 @@ operations, for losses that autograd differentiates through a whole block.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,33 @@ from torch import nn
 from logart.quant.table import encode_rows
 
 TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class AnnealSchedule:
+    """How a soft rounding is trained: Adam with a cosine learning rate from `lr` to `lr_min_ratio * lr`, and
+    AdaRound's regulariser switched on after `warmup` (a fraction of `iters`), its β going linearly from
+    `beta_start` to `beta_end`. Shared by layer-wise LLR (`LLRConfig`) and block reconstruction."""
+
+    iters: int = 500
+    lr: float = 0.05
+    lr_min_ratio: float = 0.3
+    reg_weight: float = 1.0
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+
+    def beta(self, i: int) -> float | None:
+        """β at iteration i; None during the warm-up (regulariser off)."""
+        start = self.warmup * self.iters
+        if i < start:
+            return None
+        rel = (i - start) / max(self.iters - start, 1e-12)
+        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - rel)
+
+    def lr_at(self, i: int) -> float:
+        lo = self.lr * self.lr_min_ratio
+        return lo + (self.lr - lo) * (1 + math.cos(math.pi * i / self.iters)) / 2
 
 
 class Bracket:
