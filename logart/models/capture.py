@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from logart.calib.hooks import StopForward
-from logart.models.adapter import BlockInputs
+from logart.models.adapter import Block, BlockInputs
 
 
 @torch.no_grad()
@@ -33,3 +33,17 @@ def capture_inputs(model: nn.Module, module: nn.Module, data: torch.Tensor, batc
     if not seen:
         raise RuntimeError("the module was never called by the model's forward")
     return BlockInputs(torch.cat(seen))
+
+
+class CalledOnTensors:
+    """The adapter methods shared by models called on one plain tensor (CNNs, timm ViTs): blocks are captured by
+    running the model up to them and run as `block(x)`; no separate query / key sites. Needs `batch_size`."""
+
+    def capture(self, model: nn.Module, block: Block, data: torch.Tensor) -> BlockInputs:
+        return capture_inputs(model, block.module, data, self.batch_size)
+
+    def run(self, block: Block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return block.module(x, **kwargs)
+
+    def attention(self, block: Block, kwargs: dict):
+        return None

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from logart.errors import LogartError
-from logart.models.adapter import ActSite, Block, BlockInputs
-from logart.models.capture import capture_inputs
+from logart.models.adapter import ActSite, Block
+from logart.models.capture import CalledOnTensors
 from logart.models.sites import WeightSite
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -96,7 +96,7 @@ def find_blocks(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module
 
 
 @dataclass
-class CNN:
+class CNN(CalledOnTensors):
     """`example`: one input batch (e.g. `data[:2]`), for the BatchNorm trace. `batch_size`: capture batches."""
 
     example: torch.Tensor
@@ -117,12 +117,3 @@ class CNN:
             raise LogartError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize.",
                               "pass a convolutional network.")
         return blocks
-
-    def capture(self, model: nn.Module, block: Block, data: torch.Tensor) -> BlockInputs:
-        return capture_inputs(model, block.module, data, self.batch_size)
-
-    def run(self, block: Block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return block.module(x, **kwargs)
-
-    def attention(self, block: Block, kwargs: dict):
-        return None

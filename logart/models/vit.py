@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from logart.errors import LogartError
-from logart.models.adapter import ActSite, AttentionSites, Block, BlockInputs
-from logart.models.capture import capture_inputs
+from logart.models.adapter import ActSite, Block
+from logart.models.capture import CalledOnTensors
 from logart.models.sites import WeightSite
 
 
@@ -40,7 +39,7 @@ def _act_sites(name: str, block: nn.Module) -> list[ActSite]:
 
 
 @dataclass
-class TimmViT:
+class TimmViT(CalledOnTensors):
     batch_size: int = 32
     family: str = "vit"
 
@@ -65,12 +64,3 @@ class TimmViT:
         if isinstance(head, nn.Linear):
             plan.append(Block("head", head, [WeightSite("head", head)], chained=False))
         return plan
-
-    def capture(self, model: nn.Module, block: Block, data: torch.Tensor) -> BlockInputs:
-        return capture_inputs(model, block.module, data, self.batch_size)
-
-    def run(self, block: Block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return block.module(x, **kwargs)
-
-    def attention(self, block: Block, kwargs: dict) -> AttentionSites | None:
-        return None   # fused qkv: no separate query / key sites
