@@ -87,6 +87,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--calib", default="news", help="news (packaged), wikipedia, a local .txt/.jsonl/.json(.gz) file, or hf:NAME[:CONFIG[:SPLIT]] from the local HF datasets cache")
     p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
     p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
+    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start every calibration and evaluation window with the BOS token: auto (default) follows the "
+                        "model's convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--eval-fp32", action="store_true", help="also measure the full-precision model first")
     p.add_argument("--output", default=d.get("output"), help="checkpoint folder (never overwritten by accident)")
@@ -124,7 +127,7 @@ def _options_from(args):
                       eval=None if args.no_eval else args.eval,
                       eval_windows=None if args.eval_windows == 0 else args.eval_windows, eval_fp32=args.eval_fp32,
                       results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
-                      max_memory=args.max_memory, progress=not args.quiet)
+                      max_memory=args.max_memory, bos=args.bos, progress=not args.quiet)
 
 
 def cmd_quantize(args):
@@ -151,6 +154,7 @@ def cmd_demo(args):
 
 def cmd_eval(args):
     from logart.data import eval_set
+    from logart.data.bos import resolve_bos
     from logart.eval.perplexity import perplexity
     from logart.io.checkpoint import load_quantized
     from logart.io.kernel import enable
@@ -160,10 +164,13 @@ def cmd_eval(args):
         raise LogartError(f"{args.dir} has no tokenizer files.", "save the checkpoint with its tokenizer (logart quantize does).")
     n = enable(model)
     print(f"loaded {args.dir} in {time.perf_counter() - t:.1f} s ({n} packed layers on the CPU kernel)")
-    windows = eval_set(tok, args.eval, seqlen=args.seqlen, max_windows=None if args.eval_windows == 0 else args.eval_windows)
+    bos, _ = resolve_bos(tok, args.bos)
+    windows = eval_set(tok, args.eval, seqlen=args.seqlen, max_windows=None if args.eval_windows == 0 else args.eval_windows,
+                       bos=bos)
     ppl = perplexity(model, windows, progress=not args.quiet)
-    print(f"perplexity ({args.eval}, {windows.shape[0]} x {windows.shape[1]}): {ppl:.4f}")
-    _compare_with_run(args, windows, ppl)
+    print(f"perplexity ({args.eval}, {windows.shape[0]} x {windows.shape[1]}, "
+          f"{'BOS first' if bos is not None else 'no BOS'}): {ppl:.4f}")
+    _compare_with_run(args, windows, ppl, bos is not None)
 
 
 def _recorded_seqlen(recipe: dict):
@@ -171,7 +178,7 @@ def _recorded_seqlen(recipe: dict):
     return (recipe.get("calibration") or {}).get("seqlen", recipe.get("seqlen"))
 
 
-def _compare_with_run(args, windows, ppl):
+def _compare_with_run(args, windows, ppl, bos: bool):
     """Set the reloaded perplexity beside the one the quantizing run measured in memory, when comparable."""
     import json
     from pathlib import Path
@@ -181,7 +188,7 @@ def _compare_with_run(args, windows, ppl):
         return
     run = json.loads(path.read_text())
     requested = None if args.eval_windows == 0 else args.eval_windows
-    same = (run.get("eval") == args.eval and run.get("eval_windows") == requested
+    same = (run.get("eval") == args.eval and run.get("eval_windows") == requested and bool(run.get("bos")) == bos
             and _recorded_seqlen(run.get("recipe") or {}) == windows.shape[1])
     if same and run.get("ppl"):
         print(f"in-memory perplexity of the quantizing run (report.json): {run['ppl']:.4f}; "
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval", default="wikipedia")
     e.add_argument("--eval-windows", type=int, default=16)
     e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="start every calibration and evaluation window with the BOS token: auto (default) follows the "
+                        "model's convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     g = sub.add_parser("generate", help="greedy generation from a saved logart checkpoint")

@@ -17,6 +17,7 @@ import torch
 from logart.api import quantize
 from logart.calib.resume import RunState, fingerprint
 from logart.data import calibration_set, eval_set, text_source
+from logart.data.bos import resolve_bos
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
 from logart.atomic import check_writable
@@ -43,6 +44,7 @@ class RunOptions:
     overwrite: bool = False
     threads: int | None = None
     max_memory: str | int | None = None   # larger-than-memory mode: a weight budget, e.g. "300MB"
+    bos: str = "auto"                 # windows start with BOS: auto (the model's convention), yes, no
     progress: bool = True
 
 
@@ -99,11 +101,14 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         model = detach_gguf(model)
     log(f"loaded {opts.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters "
         f"({time.perf_counter() - t:.0f} s)")
+    bos, bos_rule = resolve_bos(tokenizer, opts.bos)
+    log(f"windows {'start with BOS' if bos is not None else 'without BOS'} ({bos_rule})")
     row = {"tag": opts.tag, "date": now(), "model": opts.model, "recipe": recipe.to_dict(), "calib": opts.calib, "eval": opts.eval,
-           "eval_windows": opts.eval_windows, "versions": versions()}
+           "eval_windows": opts.eval_windows, "bos": bos is not None, "bos_rule": bos_rule, "versions": versions()}
     windows = None
     if opts.eval:
-        windows = eval_set(tokenizer, opts.eval, seqlen=recipe.calibration.seqlen, max_windows=opts.eval_windows)
+        windows = eval_set(tokenizer, opts.eval, seqlen=recipe.calibration.seqlen, max_windows=opts.eval_windows,
+                           bos=bos)
         log(f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of {opts.eval}")
         if opts.eval_fp32:
             row["ppl_fp32"] = perplexity(model, windows, progress=opts.progress)
@@ -111,7 +116,7 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     calib = None
     if recipe.needs_calibration:
         c = recipe.calibration
-        calib = calibration_set(tokenizer, opts.calib, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed)
+        calib = calibration_set(tokenizer, opts.calib, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, bos=bos)
         log(f"calibration: {calib.shape[0]} windows x {calib.shape[1]} tokens of {opts.calib} (seed {c.seed})")
     log(f"quantizing with recipe {recipe.name}: {recipe.codebook.method} {recipe.codebook.bits}-bit, group "
         f"{recipe.codebook.group_size}, {recipe.codebook.mode} mode, search {'DBS ' if recipe.search.dbs else ''}"

@@ -1,6 +1,8 @@
 """logart.models: loading, generic decoder discovery and first-block capture, on tiny random models of every
 supported architecture (and, marked slow, on the packaged SmolLM2)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -142,6 +144,17 @@ def test_smollm2_structure(smollm2):
     assert len(tok.get_vocab()) == 49152
     captured = capture_block_inputs(model, torch.randint(0, 49152, (2, 64)))
     assert captured.hidden.shape == (2, 64, 576)
+
+
+@pytest.mark.slow
+def test_smollm2_windows_have_no_bos(smollm2):
+    """Its GGUF says tokenizer.ggml.add_bos_token = false: the protocol's windows (and numbers) do not move."""
+    from logart.data.bos import gguf_add_bos, resolve_bos
+    from logart.models.loading import resolve
+
+    where, name = resolve("smollm2-135m")
+    assert gguf_add_bos(Path(where) / name) is False
+    assert resolve_bos(smollm2[1]) == (None, "the tokenizer's convention")
 
 
 @pytest.mark.slow

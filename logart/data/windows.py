@@ -37,32 +37,49 @@ def _check_length(n_tokens: int, needed: int, what: str) -> None:
                           "use a longer text or a smaller seqlen.")
 
 
-def calibration_windows(tokens: torch.Tensor, nsamples: int = 32, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int = 32, seqlen: int = 2048, seed: int = 0,
+                        bos: int | None = None) -> torch.Tensor:
     """`nsamples` random windows `[nsamples, seqlen]`, drawn like GPTQ/LogART: after `random.seed(seed)`,
     `start = randint(0, n_tokens - seqlen - 1)` for each sample.
+
+    `bos`: a token id that starts every window (models trained with BOS first, data/bos.py); the window then
+    holds `seqlen - 1` text tokens, so its length stays `seqlen`.
 
     A private `random.Random(seed)` gives the same starts as seeding the global generator, without
     disturbing the caller's random state. The `- 1` (inherited) means the window never ends on the last
     token, so one window needs seqlen + 1 tokens; we ask for that instead of crashing in randint (Q9).
     """
-    if nsamples < 1 or seqlen < 1:
-        raise LogartError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}.",
+    if nsamples < 1 or seqlen < 1 + (bos is not None):
+        raise LogartError(f"nsamples and seqlen must be positive (seqlen >= 2 with BOS), got {nsamples} and {seqlen}.",
                           "pass nsamples >= 1 and seqlen >= 1.")
     flat = _flat(tokens)
-    _check_length(flat.numel(), seqlen + 1, f"one calibration window of {seqlen}")
+    width = seqlen - (bos is not None)
+    _check_length(flat.numel(), width + 1, f"one calibration window of {seqlen}")
     rng = random.Random(seed)
-    starts = torch.tensor([rng.randint(0, flat.numel() - seqlen - 1) for _ in range(nsamples)])
-    return flat[starts[:, None] + torch.arange(seqlen)]
+    starts = torch.tensor([rng.randint(0, flat.numel() - width - 1) for _ in range(nsamples)])
+    return _with_bos(flat[starts[:, None] + torch.arange(width)], bos)
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = 16) -> torch.Tensor:
-    """The first non-overlapping windows `[n, seqlen]`; the remainder is dropped. `max_windows=None`: all."""
-    if seqlen < 1 or (max_windows is not None and max_windows < 1):
-        raise LogartError(f"seqlen and max_windows must be positive, got {seqlen} and {max_windows}.",
-                          "pass seqlen >= 1 and max_windows >= 1 (or None for every window).")
+def eval_windows(tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = 16,
+                 bos: int | None = None) -> torch.Tensor:
+    """The first non-overlapping windows `[n, seqlen]`; the remainder is dropped. `max_windows=None`: all.
+
+    `bos`: every window is BOS + the next `seqlen - 1` text tokens. The number of scored tokens per window is
+    the same either way (the first position is never a label), and every text token is scored once.
+    """
+    if seqlen < 1 + (bos is not None) or (max_windows is not None and max_windows < 1):
+        raise LogartError(f"seqlen and max_windows must be positive (seqlen >= 2 with BOS), got {seqlen} and "
+                          f"{max_windows}.", "pass seqlen >= 1 and max_windows >= 1 (or None for every window).")
     flat = _flat(tokens)
-    _check_length(flat.numel(), seqlen, f"one evaluation window of {seqlen}")
-    n = flat.numel() // seqlen
+    width = seqlen - (bos is not None)
+    _check_length(flat.numel(), width, f"one evaluation window of {seqlen}")
+    n = flat.numel() // width
     if max_windows is not None:
         n = min(n, max_windows)
-    return flat[: n * seqlen].reshape(n, seqlen)
+    return _with_bos(flat[: n * width].reshape(n, width), bos)

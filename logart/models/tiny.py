@@ -49,9 +49,12 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, attn_implementation: str 
     return model.eval()
 
 
-def byte_tokenizer():
+def byte_tokenizer(bos: bool = False):
     """A real `PreTrainedTokenizerFast` with one id per UTF-8 byte (GPT-2's byte-to-unicode alphabet, no
-    merges): deterministic, offline, and `decode(encode(s)) == s`."""
+    merges): deterministic, offline, and `decode(encode(s)) == s`.
+
+    `bos=True`: a tokenizer of a model trained with BOS first (Llama-2, Gemma): byte 0 is its BOS token (id 0, the
+    tiny configs' `bos_token_id`) and encoding with special tokens puts it first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +65,11 @@ def byte_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path="logart-byte-tokenizer")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path="logart-byte-tokenizer")
+    if bos:
+        tokenizer.bos_token = _bytes_to_unicode()[0]
+        tokenizer.add_bos_token = True
+    return tokenizer
 
 
 def _bytes_to_unicode() -> list[str]:
