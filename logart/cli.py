@@ -23,6 +23,8 @@ import time
 # Idle OpenMP threads that spin make torch's many mid-sized operations up to 10x slower on a busy machine
 # (measured during the (k, s) search); it must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# transformers' own "Loading weights" bar: logart prints one line per step instead, and an error stays one line.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from logart.errors import LogartError
 from logart.recipes import PRESETS, Override, make_recipe
@@ -245,7 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    text = str(message).removeprefix("logart: ")
+    return f"warning: {text}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+    warnings.formatwarning = _one_line_warning   # a warning is one line, like an error, not a source excerpt
+    if "transformers" in sys.modules:   # imported before the variable above was set (a test, a notebook)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -52,7 +52,7 @@ class Override:
         try:
             re.compile(self.pattern)
         except re.error as e:
-            raise LogartError(f"override pattern {self.pattern!r} is not a valid regular expression ({e}).",
+            raise LogartError(f"--override pattern {self.pattern!r} is not a valid regular expression ({e}).",
                               "escape special characters, e.g. 'layers\\.0\\.mlp'.") from e
         if self.recipe is not None and self.recipe not in PRESETS:
             raise LogartError(f"override {self.pattern!r} names an unknown recipe {self.recipe!r}.",
@@ -135,6 +135,9 @@ class RoundingConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "method", Rounding(_choice(str(self.method), ROUNDINGS, "rounding", "")))
+        if not isinstance(self.llr_iters, int) or self.llr_iters < 0 or not self.llr_lr > 0:
+            raise LogartError(f"learned rounding needs llr_iters >= 0 and a positive llr_lr, got {self.llr_iters} "
+                              f"and {self.llr_lr}.", "pass e.g. --llr-iters 200 (0 keeps the starting rounding).")
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ class Recipe:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise LogartError(f"ignore pattern {pattern!r} is not a valid regular expression ({e}).",
+                raise LogartError(f"--ignore pattern {pattern!r} is not a valid regular expression ({e}).",
                                   "escape special characters, e.g. 'layers\\.0\\.mlp'.") from e
         # Python callers may write rules as "REGEX:key=value" strings or dicts, like the CLI and config.json do.
         rules = tuple(Override.parse(r) if isinstance(r, str) else Override(**r) if isinstance(r, dict) else r

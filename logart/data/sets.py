@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from logart.data.cache import cache_key, cached_tensor, window_key_parts
 from logart.data.source import text_source
+from logart.errors import LogartError
 from logart.data.windows import calibration_windows, eval_windows, tokenize
 
 
@@ -15,7 +16,10 @@ def _windows(tokenizer, source, kind, nsamples, seqlen, seed, make, cache, field
     src = text_source(source, field=field)
 
     def build():
-        return make(tokenize(tokenizer, src.text))
+        try:
+            return make(tokenize(tokenizer, src.text))
+        except LogartError as e:   # name the text it was read from
+            raise LogartError(f"{src.id.removeprefix('file:')}: {e.problem}", e.fix) from e
 
     if not cache:
         return build()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
 
@@ -61,6 +62,10 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int = 32, seqlen: int = 
     flat = _flat(tokens)
     width = seqlen - (bos is not None)
     _check_length(flat.numel(), width + 1, f"one calibration window of {seqlen}")
+    if flat.numel() < nsamples * width:
+        warnings.warn(f"logart: the calibration text has {flat.numel()} tokens, fewer than {nsamples} windows x "
+                      f"{seqlen}: its windows overlap (they repeat text). Use a longer text for independent windows.",
+                      stacklevel=2)
     rng = random.Random(seed)
     starts = torch.tensor([rng.randint(0, flat.numel() - width - 1) for _ in range(nsamples)])
     return _with_bos(flat[starts[:, None] + torch.arange(width)], bos)

@@ -29,6 +29,7 @@ from logart.atomic import refuse_to_overwrite, write_folder  # noqa: F401 (re-ex
 from logart.version import __version__
 from logart.io.embedding import packed_class
 from logart.io.linear import LogLinear
+from logart.quant.spec import QuantSpec
 from logart.errors import LogartError
 
 FORMAT_VERSION = 1
@@ -124,10 +125,16 @@ def read_quantization_config(directory) -> dict:
         raise LogartError(f"{directory} has no config.json, so it is not a logart checkpoint.",
                           "pass the folder written by `logart quantize --output`.")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:   # invalid JSON or not UTF-8
         raise LogartError(f"{path} is not valid JSON ({e}).", "the checkpoint is damaged; re-export it.") from e
+    if not isinstance(config, dict):
+        raise LogartError(f"{path} holds a JSON {type(config).__name__}, not a model config.",
+                          "the checkpoint is damaged; re-export it.")
     qc = config.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise LogartError(f"{path}: quantization_config is a {type(qc).__name__}, not an object.",
+                          "the checkpoint is damaged; re-export it.")
     if qc.get("quant_method") != "logart":
         raise LogartError(f"{directory} is not a logart checkpoint (quant_method {qc.get('quant_method')!r}).",
                           "load it with transformers directly, or pass a folder written by logart.")
@@ -135,7 +142,29 @@ def read_quantization_config(directory) -> dict:
         raise LogartError(f"{directory} uses logart format version {qc.get('format_version')}; this logart "
                           f"({__version__}) reads version {FORMAT_VERSION}.",
                           "re-export the checkpoint with this logart version.")
+    _check_quantization_config(qc, path)
     return config
+
+
+def _check_quantization_config(qc: dict, path: Path) -> None:
+    """The fields the loader builds the packed layers from: a list of module names, and a valid codebook spec
+    (bits, group size, method, mode) globally and for every module with its own."""
+    modules = qc.get("modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise LogartError(f"{path}: quantization_config.modules is missing or not a list of module names.",
+                          "the checkpoint is damaged; re-export it.")
+    specs = qc.get("module_specs") or {}
+    if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
+        raise LogartError(f"{path}: quantization_config.module_specs is not a mapping of module -> codebook.",
+                          "the checkpoint is damaged; re-export it.")
+    names = {f.name for f in dataclasses.fields(QuantSpec)}
+    for name in [None, *specs]:
+        spec = module_spec(qc, name) if name else qc
+        try:
+            QuantSpec(**{k: v for k, v in spec.items() if k in names})
+        except LogartError as e:
+            where = f"module_specs[{name!r}]" if name else "quantization_config"
+            raise LogartError(f"{path}: {where}: {e.problem}", "the checkpoint is damaged; re-export it.") from e
 
 
 def _read_tensors(path: Path) -> tuple[dict, dict]:
@@ -189,11 +218,22 @@ def check_loaded(model, found: dict, meta: dict, expected: dict | None = None) -
     if leftover:
         raise LogartError(f"{len(leftover)} weight(s) were not filled by the checkpoint, e.g. {leftover[:3]}.",
                           "the checkpoint is incomplete; re-export it.")
+    if "logart.sha256" not in meta and "logart.format_version" in meta:
+        raise LogartError("the checkpoint was written by logart but its checksum metadata (logart.sha256) is gone: "
+                          "the file header is damaged.", "re-export the checkpoint.")
     if "logart.sha256" not in meta:
         warnings.warn("logart: this checkpoint carries no checksums (logart.sha256 metadata), so its tensors cannot "
                       "be verified; it loads, but a damaged file would go unnoticed. Re-save it with "
                       "logart.save_quantized to restore the checks.", stacklevel=3)
-    sums = json.loads(meta.get("logart.sha256", "{}"))
+    try:
+        sums = json.loads(meta.get("logart.sha256", "{}"))
+    except ValueError as e:
+        raise LogartError(f"the checkpoint's checksum metadata (logart.sha256) is not valid JSON ({e}).",
+                          "the file is damaged; re-export the checkpoint.") from e
+    if sums and set(sums) != set(state):
+        odd = sorted(set(sums) ^ set(state))[:3]
+        raise LogartError(f"the checkpoint's checksums do not list exactly its tensors (e.g. {odd}): the file header "
+                          "is damaged.", "re-export the checkpoint.")
     for k, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LogartError(f"tensor {k} holds NaN or inf values: the checkpoint is damaged (a valid logart "
@@ -205,6 +245,17 @@ def check_loaded(model, found: dict, meta: dict, expected: dict | None = None) -
         if k in sums and _sha256(t.detach().cpu()) != sums[k]:
             raise LogartError(f"tensor {k} fails its checksum: the file is corrupted or was converted on the way.",
                               "re-export the checkpoint.")
+    _check_table_indices(model)
+
+
+def _check_table_indices(model) -> None:
+    """Every packed row must point at one of its layer's tables (an index out of range would read past them)."""
+    for name, m in model.named_modules():
+        if isinstance(m, LogLinear) and m.table_index.numel():
+            low, high = int(m.table_index.min()), int(m.table_index.max())
+            if low < 0 or high >= m.tables.shape[0]:
+                raise LogartError(f"tensor {name}.table_index points at tables {low}..{high}, but the layer has "
+                                  f"{m.tables.shape[0]}.", "the checkpoint is damaged; re-export it.")
 
 
 def build_skeleton(config: dict):
@@ -215,7 +266,12 @@ def build_skeleton(config: dict):
 
     qc = config["quantization_config"]
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    hf_config = AutoConfig.for_model(**cfg)
+    try:
+        hf_config = AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise LogartError(f"config.json describes no architecture this transformers can build (model_type "
+                          f"{cfg.get('model_type')!r}: {str(e)[:120]}).",
+                          "the config is damaged, or needs a newer transformers; re-export the checkpoint.") from e
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     # init_empty_weights re-creates every registered parameter, which unties tied embeddings (SmolLM2's
@@ -226,8 +282,18 @@ def build_skeleton(config: dict):
 
 
 def load_quantized(directory, device: str = "cpu"):
-    """(model, tokenizer or None) from a folder written by `save_quantized`, weights checked one by one."""
+    """(model, tokenizer or None) from a folder written by `save_quantized`, weights checked one by one.
+    Every refusal names the folder."""
     directory = Path(directory)
+    try:
+        return _load_quantized(directory, device)
+    except LogartError as e:
+        if str(directory) in e.problem:
+            raise
+        raise LogartError(f"{directory}: {e.problem}", e.fix) from e
+
+
+def _load_quantized(directory: Path, device: str):
     config = read_quantization_config(directory)
     tensors, meta = _read_tensors(directory / WEIGHTS)
     model, qc = build_skeleton(config)
@@ -251,5 +317,9 @@ def load_quantized(directory, device: str = "cpu"):
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except Exception as e:  # tokenizers raises its own exception types for a damaged file
+            raise LogartError(f"the tokenizer files cannot be read ({type(e).__name__}: {str(e)[:160]}).",
+                              "copy the tokenizer files of the original model into the folder.") from e
     return model, tokenizer

@@ -67,6 +67,9 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
 
     log = log or (lambda *_: None)
     run = load_run(folder)
+    if run.packed:   # the whole load check first: a damaged checkpoint gets its error before any figure is written
+        from logart.io.checkpoint import load_quantized
+        load_quantized(run.path)
     out = Path(out) if out is not None else run.path / "report"
     out.mkdir(parents=True, exist_ok=True)
     cb = run.codebook
