@@ -24,11 +24,45 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale(path) -> list[Path]:
+    """Remove the temporaries a killed logart process left beside `path` (`.NAME.tmp-PID-*`, `.NAME.old-PID`).
+    Only names of that pattern whose process is gone are touched: never a user's file, never a live writer's."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        parts = leftover.name[len(path.name) + 2:].split("-")
+        if len(parts) < 2 or parts[0] not in ("tmp", "old") or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def write_file(path, write) -> Path:
     """`write(tmp)` writes the content to the temporary path `tmp`; it is then synced and renamed to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     os.close(fd)
     try:
         write(tmp)
@@ -68,14 +102,15 @@ def write_folder(directory, write, overwrite: bool = False) -> Path:
     directory = Path(directory)
     refuse_to_overwrite(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    remove_stale(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
     try:
         write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}-")
             os.rename(directory, old)
             os.rename(tmp, directory)
             shutil.rmtree(old)

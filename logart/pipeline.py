@@ -20,7 +20,7 @@ from logart.data import calibration_set, eval_set, text_source
 from logart.data.bos import resolve_bos
 from logart.eval.generate import generate_text
 from logart.eval.perplexity import perplexity
-from logart.atomic import check_writable
+from logart.atomic import check_writable, remove_stale
 from logart.io.checkpoint import pack_model, save_quantized
 from logart.models import detach_gguf, load_causal_lm
 from logart.models.streaming import open_streaming, parse_size, resident_bytes
@@ -72,6 +72,8 @@ def seed_everything(seed: int) -> None:
 def _check_output(opts: RunOptions) -> None:
     """Refuse a non-empty or unwritable output folder before hours of work, not after."""
     if opts.output:
+        for target in (opts.output, f"{opts.output}.partial"):   # what a killed earlier run left half-written
+            remove_stale(target)
         check_writable(opts.output, opts.overwrite)
         check_writable(f"{opts.output}.partial", overwrite=True)   # the resumable state is written beside it
 

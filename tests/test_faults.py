@@ -276,14 +276,18 @@ def test_the_api_refuses_a_broken_checkpoint(valid, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", [n for n in FAULTS if not n.startswith(("config", "qc", "weights-missing"))])
-def test_from_pretrained_refuses_a_broken_weights_file(valid, tmp_path, name):
-    """transformers' door: the same check once config.json is sound (its own JSON errors are its own)."""
+def test_from_pretrained_refuses_a_broken_weights_file(valid, tmp_path, capfd, name):
+    """transformers' door: the same check once config.json is sound (its own JSON errors are its own), and
+    before transformers could print its misleading "newly initialized weights" table."""
     import logart  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM
 
     folder = _broken(valid, tmp_path, name)
-    with pytest.raises(LogartError):
+    with pytest.raises(LogartError, match="Fix:") as e:
         AutoModelForCausalLM.from_pretrained(folder)
+    assert WEIGHTS in str(e.value)
+    printed = capfd.readouterr()
+    assert "newly initialized" not in printed.err + printed.out and "MISSING" not in printed.err + printed.out
 
 
 def test_a_checkpoint_without_checksums_loads_with_the_documented_warning(valid, tmp_path):

@@ -168,3 +168,25 @@ def test_smollm2_detach_saves_and_reloads(smollm2, tmp_path):
     x = torch.randint(0, 49152, (1, 32))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, model(x).logits)
+
+
+class _Payload:
+    """Anything but a tensor: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_pickled_bin_weights_load_with_weights_only(tmp_path):
+    """A folder with only pytorch_model.bin: plain tensors load; a pickled object is refused in one line."""
+    model = tiny_causal_lm("llama", num_hidden_layers=1)
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    loaded, _ = load_causal_lm(folder)
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)
+    torch.save({"model.norm.weight": _Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(LogartError, match="weights_only=True"):
+        load_causal_lm(folder)

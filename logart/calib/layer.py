@@ -96,7 +96,7 @@ def quantize_site(site, cb, recipe, hessian=None, G=None):
         after = float((W_hat - W).pow(2).sum())
         before = found.baseline_loss
     s = found.s.float()
-    record = LayerRecord(name=site.name, shape=tuple(W.shape), k_hist=_k_hist(found),
+    record = LayerRecord(name=site.name, shape=tuple(site.shape), k_hist=_k_hist(found),  # not the padded W
                          s_range=(float(s.min()), float(s.max())), loss_before=before, loss_after=after,
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
                          extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,

@@ -87,6 +87,23 @@ def quantization_config(codebook_spec: dict, recipe: dict, modules: list[str], m
             "modules": modules, "module_specs": module_specs or {}, "producer": f"logart {__version__}"}
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, then its header's `__metadata__` in sorted key order: the writer keeps it in a
+    hash map whose order changes from process to process, and the same checkpoint should be the same bytes.
+    Only the order changes, so the header keeps its length and every data offset stays valid."""
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= n:   # always, unless the writer's JSON spelling differs from ours: then keep its bytes
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+
+
 def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
     """Pack `model` in place (see `pack_model`) and write the checkpoint folder. `layers` maps module names
     to (codebook, params) as returned by `logart.quantize`; `recipe` is the `Recipe` used. The per-row choices
@@ -105,9 +122,9 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
                for name, (_, p) in layers.items() for f in dataclasses.fields(p)}
 
     def write(tmp: Path):
-        save_file(state, tmp / WEIGHTS, metadata=meta)
+        save_safetensors(state, tmp / WEIGHTS, metadata=meta)
         if choices:
-            save_file(choices, tmp / PARAMS)
+            save_safetensors(choices, tmp / PARAMS)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:

@@ -32,7 +32,8 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from logart.io.checkpoint import FORMAT_VERSION, _unique_state, check_loaded, module_spec, packed_shell
+from logart.io.checkpoint import (FORMAT_VERSION, _unique_state, check_header, check_loaded, module_spec,
+                                  packed_shell)
 from logart.io.linear import LogLinear
 from logart.errors import LogartError
 from logart.version import __version__
@@ -143,6 +144,12 @@ class LogartHfQuantizer(HfQuantizer):
         # With a quantizer present transformers assigns a tensor of the wrong shape without a word: keep the
         # skeleton's shapes to check against after loading.
         self.expected = {k: (tuple(t.shape), t.dtype) for k, t in _unique_state(model).items()}
+        # Names, shapes and dtypes now, before transformers loads anything: otherwise it would first print its own
+        # "newly initialized weights" table for a missing tensor, a misleading message before logart's refusal.
+        # Tied targets (an lm_head tied to the embeddings) are not in the file; transformers ties them after loading.
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        _in_files(self.checkpoint_files, check_header,
+                  {k: v for k, v in self.expected.items() if k not in tied or k in shapes}, shapes)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -157,10 +164,18 @@ class LogartHfQuantizer(HfQuantizer):
         return False
 
 
+def _in_files(files: list[str], check, *args) -> None:
+    """Run `check(*args)`; its refusal names the checkpoint file(s)."""
+    try:
+        check(*args)
+    except LogartError as e:
+        raise LogartError(f"{', '.join(map(str, files))}: {e.problem}", e.fix) from e
+
+
 def verify_loaded(model, files: list[str], expected_shapes: dict | None = None) -> None:
     """`check_loaded` (io/checkpoint.py) against the headers of the checkpoint `files`."""
     shapes, meta = _header(files)
-    check_loaded(model, shapes, meta, expected_shapes)
+    _in_files(files, check_loaded, model, shapes, meta, expected_shapes)
 
 
 def register() -> None:

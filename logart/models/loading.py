@@ -41,6 +41,22 @@ def resolve(name_or_path) -> tuple[str, str | None]:
     return key, None
 
 
+def check_pickled_weights(folder) -> None:
+    """A folder whose weights are only pickled `.bin` files (no safetensors, which transformers prefers when both
+    exist): open each with `weights_only=True`, so that a file holding anything but tensors (arbitrary code on
+    unpickling) is refused with one clear line before transformers reads it."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    for path in sorted(folder.glob("*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickle.UnpicklingError, RuntimeError of a truncated zip, ...
+            raise LogartError(f"{path} cannot be loaded as plain tensors ({type(e).__name__}: {str(e)[:160]}); "
+                              "logart only reads .bin weights with weights_only=True.",
+                              "convert the model to safetensors with a tool you trust, or re-download it.") from e
+
+
 def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)`, model in eval mode on the CPU.
 
@@ -51,6 +67,7 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32):
 
     where, gguf_file = resolve(name_or_path)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    check_pickled_weights(where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **extra)
