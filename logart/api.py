@@ -37,7 +37,7 @@ def default_adapter(model, recipe: Recipe, log=print):
 
 
 def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None = None, progress: bool = True,
-             log=print, state=None, streamer=None, adapter=None, reconstruction=None,
+             log=print, state=None, streamer=None, adapter=None, reconstruction=None, on_block_done=None,
              **recipe_options) -> QuantizationResult:
     """Quantize the weight sites of `model` in place, block by block (calib/driver.py).
 
@@ -50,6 +50,7 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     adapter: the model family's adapter (models/adapter.py); default: a Hugging Face causal LM.
     reconstruction: a block reconstruction engine (calib/reconstruct.py) to use instead of the one the recipe's
         `reconstruct="block"` option builds.
+    on_block_done: called (block index, seconds) after each block.
     """
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
@@ -60,9 +61,10 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
         from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig
 
         config = ReconstructConfig(iters=rc.iters, loss=rc.loss, qdrop=rc.qdrop, hard_forward=rc.forward == "hard",
+                                   batch=rc.batch, lr=rc.lr, lr_min_ratio=rc.lr_min_ratio, reg_weight=rc.reg_weight,
                                    seed=recipe.calibration.seed)
         reconstruction = BlockReconstruction(config, progress=progress)
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
-                                     streamer=streamer, reconstruct=reconstruction)
+                                     streamer=streamer, reconstruct=reconstruction, on_block_done=on_block_done)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0)

@@ -168,12 +168,16 @@ class ReconstructionConfig:
     loss: str = "mse"                # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
     qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
     forward: str = "hard"            # "hard": straight-through on the hard choices; "soft": BRECQ's relaxation
+    batch: int = 1                   # samples per step (the original CNN pipeline: 32)
+    lr: float = 0.05
+    lr_min_ratio: float = 0.0        # cosine down to this fraction of lr (the original CNN pipeline: 0.3)
+    reg_weight: float = 0.01         # λ of the rounding regulariser (BRECQ 0.01; the original CNN pipeline: 1)
 
     def __post_init__(self):
         _choice(self.kind, RECONSTRUCTIONS, "reconstruction", "")
         _choice(self.forward, ("hard", "soft"), "reconstruction forward", "use hard or soft.")
         _choice(self.loss, ("mse", "nlc"), "reconstruction loss", "use mse or nlc.")
-        if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0:
+        if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0 or self.batch < 1 or not self.lr > 0:
             raise LogartError(f"invalid block reconstruction settings ({self.iters} iterations, QDrop {self.qdrop}).",
                               "use iterations >= 1 and QDrop in [0, 1].")
 
@@ -196,7 +200,9 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         **{k: ("calibration", k) for k in ("nsamples", "seqlen", "seed", "damp", "fp_target")},
         "reconstruct": ("reconstruction", "kind"), "recon_iters": ("reconstruction", "iters"),
         "recon_loss": ("reconstruction", "loss"), "qdrop": ("reconstruction", "qdrop"),
-        "recon_forward": ("reconstruction", "forward"),
+        "recon_forward": ("reconstruction", "forward"), "recon_batch": ("reconstruction", "batch"),
+        "recon_lr": ("reconstruction", "lr"), "recon_lr_min_ratio": ("reconstruction", "lr_min_ratio"),
+        "recon_reg": ("reconstruction", "reg_weight"),
         "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
 
 
@@ -336,6 +342,12 @@ PRESETS = {
     "rtn": lambda b, g, m: Recipe("rtn", QuantSpec("uniform", b, g), _DATA_FREE),
     "gptq": lambda b, g, m: Recipe("gptq", QuantSpec("uniform", b, g), SearchConfig(dbs=False, sfs=False),
                                    RoundingConfig(Rounding.GPTQ)),
+    # Uniform learned-rounding baselines through the same engine: AdaRound (layer by layer) and BRECQ (block
+    # reconstruction of every block's weights together).
+    "adaround": lambda b, g, m: Recipe("adaround", QuantSpec("uniform", b, g), SearchConfig(dbs=False, sfs=False),
+                                       RoundingConfig(Rounding.LLR)),
+    "brecq": lambda b, g, m: Recipe("brecq", QuantSpec("uniform", b, g), SearchConfig(dbs=False, sfs=False),
+                                    reconstruction=ReconstructionConfig(kind="block")),
 }
 
 

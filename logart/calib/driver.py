@@ -63,6 +63,7 @@ class BlockDriver:
         # The full-precision stream: the target of every site (full-precision targets) or of every block
         # (reconstruction).
         self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None
+        self.fp_model = None   # a full-precision copy, for adapters whose blocks are captured one by one
 
     def chosen_sites(self, block) -> dict:
         """{site name: (site, effective recipe)}; sites kept in full precision (ignore) are left out. A site
@@ -87,7 +88,12 @@ class BlockDriver:
                               "pass calibration windows (or use a data-free recipe such as log2-rtn).")
         s = self.stream
         if not block.chained:
-            return self.adapter.capture(self.model, block, self.data).hidden, {}, None
+            hidden = self.adapter.capture(self.model, block, self.data).hidden
+            fp = None
+            if self.fp_model is not None:   # the full-precision network's own inputs of this block: its targets
+                fp_block = replace(block, module=self.fp_model.get_submodule(block.name))
+                fp = self.adapter.capture(self.fp_model, fp_block, self.data).hidden
+            return hidden, {}, fp
         if s.kwargs is None:   # the first chained block of this run: also the kwargs every block takes
             captured = self.adapter.capture(self.model, block, self.data)
             s.kwargs = captured.kwargs
@@ -197,6 +203,10 @@ class BlockDriver:
     def run(self, on_block_done=None) -> tuple[list[LayerRecord], dict]:
         torch.manual_seed(self.recipe.calibration.seed)
         self.adapter.prepare(self.model)
+        if self.carries_fp and getattr(self.adapter, "captures_fp", False):
+            # Small models (CNNs, ViTs) whose blocks are captured from the model itself: the targets come from
+            # the full-precision network, as in BRECQ, not from the full-precision block on quantized inputs.
+            self.fp_model = copy.deepcopy(self.model)
         plan = self.adapter.plan(self.model)
         check_rules(self.recipe, [site.name for block in plan for site in block.sites])
         start = self.restore(plan)

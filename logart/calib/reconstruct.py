@@ -118,9 +118,14 @@ class BlockReconstruction:
             softs[f"m.{rel}.weight" if rel else "m.weight"] = (site, sr.start(), tables)
         return softs
 
+    def _chunks(self, n: int) -> list[slice]:
+        return [slice(i, min(i + self.config.batch, n)) for i in range(0, n, self.config.batch)]
+
     @torch.no_grad()
     def _error(self, call, inputs, targets) -> float:
-        return sum(float(output_loss(call(inputs[i:i + 1]), targets[i:i + 1], "mse")) for i in range(inputs.shape[0]))
+        """Σ over samples of the per-sample output MSE (in batches of `batch` samples)."""
+        return sum(float(output_loss(call(inputs[c]), targets[c], "mse")) * (c.stop - c.start)
+                   for c in self._chunks(inputs.shape[0]))
 
     def __call__(self, driver, block, chosen, inputs, kwargs, fp_inputs, fp_module) -> None:
         cfg = self.config
@@ -128,7 +133,7 @@ class BlockReconstruction:
         fp_call = _Call(driver.adapter, type(block)(block.name, fp_module, []), kwargs)
         x_fp = fp_inputs if fp_inputs is not None else inputs
         with torch.no_grad():
-            targets = torch.cat([fp_call(x_fp[i:i + 1]) for i in range(x_fp.shape[0])])
+            targets = torch.cat([fp_call(x_fp[c]) for c in self._chunks(x_fp.shape[0])])
         softs = self._soft_weights(driver, block, chosen, fp_module)
         if not softs:
             return

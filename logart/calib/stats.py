@@ -24,14 +24,14 @@ def propagate(run, inputs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def input_groups(run, sites: dict, sample: torch.Tensor) -> list[list[str]]:
-    """The sites of `sites` ({name: WeightSite}) grouped by the input tensor they read, groups in the order the
-    forward reaches them; sites never called come last, each alone. One probe forward on `sample`."""
+    """The sites of `sites` ({name: WeightSite}) grouped by the input tensor they read and the way they turn it into
+    rows (`WeightSite.row_key`), groups in the order the forward reaches them; sites never called come last, each alone. One probe forward on `sample`."""
     seen = {}  # name -> the input tensor itself: holding it keeps its memory from being reused mid-forward
     forward_until_seen(lambda: run(sample), {n: s.module for n, s in sites.items()}, seen.__setitem__, True)
     groups: dict[tuple, list[str]] = {}
     for name in [*seen, *(n for n in sites if n not in seen)]:
         x = seen.get(name)
-        key = (x.data_ptr(), tuple(x.shape), x.stride()) if x is not None else (name,)
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), sites[name].row_key) if x is not None else (name,)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 

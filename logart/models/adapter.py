@@ -54,6 +54,7 @@ class Block:
     sites: list[WeightSite]
     chained: bool = True           # inputs = the previous chained block's outputs
     act_sites: list[ActSite] = field(default_factory=list)
+    output_act: nn.Module | None = None   # an activation applied to the block's output (a ReLU after a bare conv)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ class CalledOnTensors:
         return capture_inputs(model, block.module, data, self.batch_size)
 
     def run(self, block: Block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return block.module(x, **kwargs)
+        y = block.module(x, **kwargs)
+        return block.output_act(y) if block.output_act is not None else y
 
     def attention(self, block: Block, kwargs: dict):
         return None

@@ -6,8 +6,13 @@ MobileNetV2 style). Minimal: BatchNorm folding, generic block discovery, conv an
               σ = sqrt(var + eps); the BatchNorm becomes an Identity. Exact in eval mode.
     plan      reconstruction blocks in execution order: a child module holding several weight layers that is not
               a plain container (a residual block, an inverted residual) is one block; plain containers
-              (nn.Sequential, nn.ModuleList) are opened; a bare conv / linear (stem, classifier) is a one-site
-              block. Every block is captured from the model itself (pooling and flattening sit between blocks).
+              (nn.Sequential, nn.ModuleList) holding several are opened; a child with one weight layer (a bare
+              conv or linear, or torchvision's conv-BN-ReLU Sequential) is a one-site block. Every block is
+              captured from the model itself (pooling and flattening sit between blocks).
+    fusion    a bare conv / linear whose output goes straight into a ReLU / ReLU6 / ... module (ResNet's stem:
+              conv1 -> bn1 -> relu, found in the same traced forward, the folded BatchNorm being an Identity that
+              passes the tensor through) gets that module as its block's `output_act`: reconstruction then
+              matches the block's output after its activation, as the original does.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from logart.models.capture import CalledOnTensors
 from logart.models.sites import WeightSite
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU)
 
 
 def _weight_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -54,6 +60,34 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
         for h in handles:
             h.remove()
     return pairs
+
+
+@torch.no_grad()
+def following_activations(model: nn.Module, modules: dict, example: torch.Tensor) -> dict:
+    """{name: activation module} for each of `modules` ({name: module}) whose output is the direct input of an
+    activation module in one forward of `example` (Identity modules pass the very same tensor on)."""
+    outputs, found, handles = {}, {}, []
+    names = {m: n for n, m in modules.items()}
+
+    def record(m, _args, out):
+        outputs[id(out)] = (names[m], out)
+
+    def check(m, args):
+        hit = outputs.get(id(args[0]))
+        if hit is not None and hit[1] is args[0]:
+            found.setdefault(hit[0], m)
+
+    for m in modules.values():
+        handles.append(m.register_forward_hook(record))
+    for m in model.modules():
+        if isinstance(m, ACTIVATIONS):
+            handles.append(m.register_forward_pre_hook(check))
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -88,7 +122,7 @@ def find_blocks(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module
         layers = _weight_layers(child)
         if not layers:
             continue
-        if isinstance(child, WEIGHT_LAYERS) or (len(layers) > 1 and not isinstance(child, (nn.Sequential, nn.ModuleList))):
+        if len(layers) == 1 or not isinstance(child, (nn.Sequential, nn.ModuleList)):
             found.append((full, child))
         else:
             found += find_blocks(child, f"{full}.")
@@ -102,18 +136,23 @@ class CNN(CalledOnTensors):
     example: torch.Tensor
     batch_size: int = 32
     family: str = "cnn"
+    captures_fp: bool = True   # reconstruction targets from a full-precision copy of the network (calib/driver.py)
 
     def prepare(self, model: nn.Module) -> None:
         fold_batchnorm(model, self.example)
 
     def plan(self, model: nn.Module) -> list[Block]:
-        blocks = []
-        for name, module in find_blocks(model):
-            layers = [(name, module)] if isinstance(module, WEIGHT_LAYERS) else \
-                [(f"{name}.{n}", m) for n, m in _weight_layers(module)]
-            acts = [ActSite(n, m, "conv-input" if isinstance(m, nn.Conv2d) else "linear-input") for n, m in layers]
-            blocks.append(Block(name, module, [WeightSite(n, m) for n, m in layers], chained=False, act_sites=acts))
-        if not blocks:
+        found = find_blocks(model)
+        if not found:
             raise LogartError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize.",
                               "pass a convolutional network.")
+        bare = {name: module for name, module in found if isinstance(module, WEIGHT_LAYERS)}
+        fused = following_activations(model, bare, self.example) if bare else {}
+        blocks = []
+        for name, module in found:
+            layers = [(name, module)] if isinstance(module, WEIGHT_LAYERS) else \
+                [(f"{name}.{n}" if n else name, m) for n, m in _weight_layers(module)]
+            acts = [ActSite(n, m, "conv-input" if isinstance(m, nn.Conv2d) else "linear-input") for n, m in layers]
+            blocks.append(Block(name, module, [WeightSite(n, m) for n, m in layers], chained=False, act_sites=acts,
+                                output_act=fused.get(name)))
         return blocks

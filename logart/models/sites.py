@@ -57,6 +57,15 @@ class WeightSite:
         return self.shape[1]
 
     @property
+    def row_key(self) -> tuple:
+        """What `rows` depends on besides the input: two sites reading one tensor share statistics only if their
+        keys match (a 3x3 conv and its block's 1x1 stride-2 shortcut read the same tensor, not the same rows)."""
+        m = self.module
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            return (type(m).__name__, m.kernel_size, m.dilation, m.padding, m.stride, m.groups, self.columns)
+        return (type(m).__name__, self.columns)
+
+    @property
     def takes_inputs(self) -> bool:
         """False for embeddings: their input is token ids, so they have no input statistics."""
         return not isinstance(self.module, nn.Embedding)

