@@ -36,24 +36,23 @@ def _weight_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv name, batchnorm name) for every BatchNorm2d fed directly by a Conv2d, found in one forward."""
+def direct_consumers(model: nn.Module, producers: dict, consumer, example: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """(producer name, consumer module) for every module of the model matching `consumer` (a predicate) whose
+    input is the very output tensor of one of `producers` ({name: module}), found in one forward of `example`.
+    Modules that return their input unchanged (Identity, an in-place ReLU) keep the tensor the same object."""
     outputs, pairs, handles = {}, [], []
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in producers.items()}
 
-    def record_conv(m, _args, out):
+    def record(m, _args, out):
         outputs[id(out)] = (names[m], out)   # holding `out` keeps its id unique during the forward
 
-    def check_bn(m, args):
+    def check(m, args):
         hit = outputs.get(id(args[0]))
         if hit is not None and hit[1] is args[0]:
-            pairs.append((hit[0], names[m]))
+            pairs.append((hit[0], m))
 
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(record_conv))
-        elif isinstance(m, nn.BatchNorm2d):
-            handles.append(m.register_forward_pre_hook(check_bn))
+    handles = [m.register_forward_hook(record) for m in producers.values()]
+    handles += [m.register_forward_pre_hook(check) for m in model.modules() if consumer(m)]
     try:
         model(example)
     finally:
@@ -62,31 +61,19 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     return pairs
 
 
-@torch.no_grad()
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, batchnorm name) for every BatchNorm2d fed directly by a Conv2d."""
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    names = {m: n for n, m in model.named_modules()}
+    return [(c, names[bn]) for c, bn in
+            direct_consumers(model, convs, lambda m: isinstance(m, nn.BatchNorm2d), example)]
+
+
 def following_activations(model: nn.Module, modules: dict, example: torch.Tensor) -> dict:
-    """{name: activation module} for each of `modules` ({name: module}) whose output is the direct input of an
-    activation module in one forward of `example` (Identity modules pass the very same tensor on)."""
-    outputs, found, handles = {}, {}, []
-    names = {m: n for n, m in modules.items()}
-
-    def record(m, _args, out):
-        outputs[id(out)] = (names[m], out)
-
-    def check(m, args):
-        hit = outputs.get(id(args[0]))
-        if hit is not None and hit[1] is args[0]:
-            found.setdefault(hit[0], m)
-
-    for m in modules.values():
-        handles.append(m.register_forward_hook(record))
-    for m in model.modules():
-        if isinstance(m, ACTIVATIONS):
-            handles.append(m.register_forward_pre_hook(check))
-    try:
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    """{name: activation module} for each of `modules` whose output goes straight into an activation module."""
+    found = {}
+    for name, act in direct_consumers(model, modules, lambda m: isinstance(m, ACTIVATIONS), example):
+        found.setdefault(name, act)
     return found
 
 
