@@ -16,6 +16,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m logart.io.kernel || echo "CPU kernel not built: packed layers will use the PyTorch path"
+	test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && apt-get install -y -q \
+	  dataset-fashion-mnist >/dev/null) || echo "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
 	touch $(STAMP)
 
 demo: setup

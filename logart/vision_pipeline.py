@@ -45,9 +45,12 @@ def vision_recipe(name: str = "logart", bits: int = 4, group_size: int = -1, mod
 
 
 def first_last_overrides(model: torch.nn.Module, bits: int) -> tuple[Override, ...]:
-    """Rules that keep the first conv and the last linear layer at `bits` (BRECQ keeps them at 8)."""
+    """Rules that keep the first conv and the last linear layer at `bits` (BRECQ keeps them at 8, uniform: log
+    codebooks stop at 4 bits)."""
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    return tuple(Override(pattern=f"^{re.escape(n)}$", bits=bits) for n in dict.fromkeys([names[0], names[-1]]))
+    method = "uniform" if bits > 4 else None
+    return tuple(Override(pattern=f"^{re.escape(n)}$", bits=bits, method=method)
+                 for n in dict.fromkeys([names[0], names[-1]]))
 
 
 @dataclass

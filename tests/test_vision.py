@@ -1,0 +1,168 @@
+"""The CNN pipeline on random-weight architectures and tiny data: blocks of torchvision / EfficientNet-Lite
+models, activation fusion, data readers, metrics, and one tiny run through the whole pipeline."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import logart
+from logart.data.images import Preprocess, _read_idx, fashion_mnist, views
+from logart.errors import LogartError
+from logart.eval.classify import agreement, kl, scores
+from logart.models.cnn import CNN, find_blocks, fold_batchnorm
+from logart.vision_pipeline import first_last_overrides, vision_recipe
+
+
+def _plan(model, size=64):
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    adapter = CNN(example=x)
+    adapter.prepare(model.eval())
+    return adapter.plan(model)
+
+
+def test_resnet18_blocks_and_the_fused_stem_activation():
+    from torchvision.models import resnet18
+
+    blocks = _plan(resnet18())
+    names = [b.name for b in blocks]
+    assert names == ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+                     "layer4.1", "fc"]
+    assert isinstance(blocks[0].output_act, nn.ReLU) and blocks[-1].output_act is None
+    assert [s.name for s in blocks[3].sites] == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+
+
+def test_resnet50_has_bottleneck_blocks():
+    from torchvision.models import resnet50
+
+    blocks = _plan(resnet50())
+    assert len(blocks) == 1 + 16 + 1
+    assert len(blocks[1].sites) == 4   # conv1..3 and the downsample of the first bottleneck
+
+
+def test_mobilenetv2_blocks_keep_conv_bn_relu6_together():
+    from torchvision.models import mobilenet_v2
+
+    blocks = _plan(mobilenet_v2())
+    assert [b.name for b in blocks][:3] == ["features.0", "features.1", "features.2"]
+    assert blocks[0].sites[0].name == "features.0.0" and blocks[-1].name == "classifier"
+    depthwise = blocks[2].sites[1].module
+    assert depthwise.groups == depthwise.in_channels > 1
+    assert len(blocks) == 20
+
+
+def test_efficientnet_lite0_blocks():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    blocks = _plan(EfficientNet.from_name("efficientnet-lite0"))
+    names = [b.name for b in blocks]
+    assert names[0] == "_conv_stem" and names[-2:] == ["_conv_head", "_fc"] and len(names) == 19
+    assert isinstance(blocks[0].output_act, nn.ReLU6) and isinstance(blocks[-2].output_act, nn.ReLU6)
+
+
+def test_batchnorm_folding_is_exact_on_mobilenetv2():
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    model = mobilenet_v2().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+        fold_batchnorm(model, x)
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                                  nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(self.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("recipe", ["logart", "brecq"])
+def test_a_tiny_cnn_runs_search_and_reconstruction(recipe):
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(x)
+    r = vision_recipe(recipe, bits=3, recon_iters=20, recon_batch=8)
+    assert r.reconstruction.kind == "block" and r.reconstruction.reg_weight == 1.0
+    result = logart.quantize(model, r, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+    infos = [rec.extra["reconstruct"] for rec in result.layers if "reconstruct" in rec.extra]
+    assert infos and all(i["block_error_reconstructed"] >= 0 for i in infos)
+    with torch.no_grad():
+        out = model(x)
+    assert agreement(reference, out) > 50
+
+
+def test_explicit_options_beat_the_cnn_defaults():
+    assert vision_recipe("logart", recon_iters=7).reconstruction.iters == 7
+    assert vision_recipe("logart").reconstruction.iters == 2000
+    assert vision_recipe("logart", reconstruct="none").reconstruction.kind == "none"
+
+
+def test_first_and_last_layers_can_keep_8_bits():
+    rules = first_last_overrides(TinyNet(), 8)
+    r = vision_recipe("logart", bits=3).with_options(overrides=rules)
+    first, last = r.for_module("conv1").codebook, r.for_module("fc").codebook
+    assert (first.bits, first.method, last.bits, last.method) == (8, "uniform", 8, "uniform")
+    assert r.for_module("body.0").codebook.bits == 3
+
+
+def _idx(path, array: np.ndarray):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 9]))
+    monkeypatch.setenv("LOGART_FASHION_MNIST", str(tmp_path))
+    x, y = fashion_mnist("test")
+    assert x.shape == (3, 28, 28) and torch.equal(x, torch.from_numpy(images.astype(np.uint8)))
+    assert y.tolist() == [1, 2, 9]
+    with pytest.raises(LogartError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist("train")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09abc"))
+    with pytest.raises(LogartError, match="truncated"):
+        _read_idx(tmp_path / "bad.gz")
+
+
+def test_views_are_seeded_crops_and_flips(tmp_path):
+    from PIL import Image
+
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    pre = Preprocess(resize=32, crop=24)
+    v = views(tmp_path, pre, per_image=5, seed=3)
+    assert v.shape == (5, 3, 24, 24)
+    torch.testing.assert_close(v[1], v[0].flip(-1))
+    assert torch.equal(v, views(tmp_path, pre, per_image=5, seed=3))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LogartError, match="no image files"):
+        views(tmp_path / "empty", pre)
+
+
+def test_metrics():
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    assert agreement(ref, ref) == 100.0 and kl(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    other = torch.tensor([[0.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
+    assert agreement(ref, other) == 50.0 and kl(ref, other) > 0
+    row = scores(ref, other, torch.tensor([0, 2]))
+    assert row["top1"] == 50.0 and row["top1_fp32"] == 100.0
