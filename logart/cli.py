@@ -71,7 +71,8 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, help="calibration samples: token windows of an LM (default 32), "
+                   "images of a vision model (default 128 photos; 1024 Fashion-MNIST images)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
@@ -102,11 +103,17 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--max-memory", metavar="SIZE",
                    help="larger-than-memory mode: keep at most SIZE (e.g. 300MB) of weights in memory, loading one "
                         "block at a time from a safetensors folder (see `logart convert`)")
+    p.add_argument("--weights", help="vision models: a local state_dict file for the architecture")
+    p.add_argument("--first-last-bits", type=int, metavar="BITS",
+                   help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
+                        "default: quantized like the rest, as the original does")
+    p.add_argument("--eval-views", type=int, default=5,
+                   help="vision models: views (centre, mirror, random crops) of each held-out photo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _recipe_from(args):
-    overrides = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+def _recipe_from(args, make=make_recipe):
+    overrides = {"nsamples": args.nsamples or 32, "seqlen": args.seqlen, "seed": args.seed,
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
@@ -120,7 +127,7 @@ def _recipe_from(args):
             overrides["method"] = "log2"
     if args.abs is not None:
         overrides["symmetric"] = not args.abs
-    return make_recipe(args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode, **overrides)
+    return make(args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode, **overrides)
 
 
 def _options_from(args):
@@ -133,8 +140,26 @@ def _options_from(args):
 
 
 def cmd_quantize(args):
+    from logart.models.vision import is_vision_model
+    if is_vision_model(args.model):
+        return cmd_quantize_vision(args)
     from logart.pipeline import run
     run(_recipe_from(args), _options_from(args))
+
+
+def cmd_quantize_vision(args):
+    """A CNN by name (models/vision.py): the same recipes with the CNN pipeline's defaults (vision_pipeline.py)."""
+    from logart.vision_pipeline import VisionOptions, run_vision, vision_recipe
+    from logart.pipeline import RunOptions
+
+    llm = RunOptions()
+    opts = VisionOptions(model=args.model, weights=args.weights,
+                         calib="photos" if args.calib == llm.calib else args.calib,
+                         eval="photos-eval" if args.eval == llm.eval else args.eval, nsamples=args.nsamples,
+                         eval_views=args.eval_views, first_last_bits=args.first_last_bits, output=args.output,
+                         results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
+                         seed=args.seed, progress=not args.quiet)
+    run_vision(_recipe_from(args, make=vision_recipe), opts)
 
 
 def cmd_demo(args):
@@ -145,7 +170,7 @@ def cmd_demo(args):
     args.output = args.output or f"runs/demo-{stamp}"
     args.recipe = "logart" if args.full else "logart-fast"
     if not args.full:
-        args.nsamples = args.nsamples if args.nsamples != 32 else 8
+        args.nsamples = args.nsamples or 8
         args.eval_windows = args.eval_windows if args.eval_windows != 16 else 4
     print(f"logart demo: {'the full LogART recipe (DBS+SFS+ABS+GPTQ/LLR)' if args.full else 'LogART without learned rounding'}"
           f" on {args.model}, W{args.bits} per channel, calibration {args.nsamples} x {args.seqlen} tokens, "
@@ -154,7 +179,26 @@ def cmd_demo(args):
     print(f"done. Reload it with `logart eval {args.output}`, look at it with `logart report {args.output}`.")
 
 
+def cmd_eval_vision(args):
+    import json
+    from pathlib import Path
+
+    from logart.vision_pipeline import VisionOptions, evaluate_checkpoint
+
+    row = evaluate_checkpoint(args.dir, VisionOptions(eval_views=args.eval_views))
+    print(f"{args.dir}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    report = Path(args.dir) / "report.json"
+    if report.is_file():
+        recorded = json.loads(report.read_text())
+        key = "top1" if "top1" in row else "agreement"
+        if key in recorded:
+            print(f"the quantizing run measured {key} {recorded[key]} (report.json)")
+
+
 def cmd_eval(args):
+    from logart.io.checkpoint import read_quantization_config
+    if "logart_vision" in read_quantization_config(args.dir):
+        return cmd_eval_vision(args)
     from logart.data import eval_set
     from logart.data.bos import resolve_bos
     from logart.eval.perplexity import perplexity
@@ -226,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval", default="wikipedia")
     e.add_argument("--eval-windows", type=int, default=16)
     e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--eval-views", type=int, default=5, help="vision checkpoints: views of each held-out photo")
     e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
                    help="start every calibration and evaluation window with the BOS token: auto (default) follows the "
                         "model's convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")

@@ -59,7 +59,7 @@ class VisionOptions:
     weights: str | None = None          # a local state_dict for the architecture
     calib: str = "photos"               # photos (packaged), a folder of images, or fashion-train
     eval: str = "photos-eval"           # photos-eval (packaged), a folder, or fashion-test
-    nsamples: int = 128                 # calibration images
+    nsamples: int | None = None         # calibration images (None: 128 photos, 1024 Fashion-MNIST images)
     eval_views: int = 5                 # views per evaluation photo (centre, mirror, random crops)
     eval_limit: int | None = None       # at most this many evaluation images
     first_last_bits: int | None = None  # None: quantize them like the rest (the original); 8: BRECQ's choice
@@ -72,22 +72,41 @@ class VisionOptions:
     progress: bool = True
 
 
-def vision_data(vm, opts: VisionOptions):
-    """(calibration images, evaluation images, evaluation labels or None), as model inputs."""
-    from logart.data.images import fashion_mnist, fashion_tensors, load_images, views
+def calibration_images(vm, opts: VisionOptions) -> torch.Tensor:
+    """The calibration inputs: a seeded sample of Fashion-MNIST training images, or the photos' centre views."""
+    from logart.data.images import fashion_mnist, fashion_tensors, load_images
 
     if vm.data == "fashion-mnist":
         images, _ = fashion_mnist("train")
-        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(opts.seed))[:opts.nsamples]
-        test_images, labels = fashion_mnist("test")
-        if opts.eval_limit:
-            test_images, labels = test_images[:opts.eval_limit], labels[:opts.eval_limit]
-        return fashion_tensors(images[pick]), fashion_tensors(test_images), labels
+        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(opts.seed))
+        return fashion_tensors(images[pick[:opts.nsamples or 1024]])
     calib = "photos" if opts.calib in ("photos", "fashion-train") else opts.calib
+    return load_images(calib, vm.preprocess, limit=opts.nsamples or 128)
+
+
+def evaluation_images(vm, opts: VisionOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(evaluation inputs, labels or None): the Fashion-MNIST test set, or views of the held-out photos."""
+    from logart.data.images import fashion_mnist, fashion_tensors, views
+
+    if vm.data == "fashion-mnist":
+        images, labels = fashion_mnist("test")
+        n = opts.eval_limit or images.shape[0]
+        return fashion_tensors(images[:n]), labels[:n]
     evaluation = "photos-eval" if opts.eval in ("photos-eval", "fashion-test") else opts.eval
-    x_calib = load_images(calib, vm.preprocess, limit=opts.nsamples)
-    x_eval = views(evaluation, vm.preprocess, per_image=opts.eval_views, seed=opts.seed, limit=opts.eval_limit)
-    return x_calib, x_eval, None
+    return views(evaluation, vm.preprocess, per_image=opts.eval_views, seed=opts.seed, limit=opts.eval_limit), None
+
+
+def evaluate_checkpoint(directory, opts: VisionOptions | None = None, log=print) -> dict:
+    """Reload a packed vision checkpoint and measure it against its fp32 model on the evaluation data."""
+    from logart.eval.classify import logits, scores
+    from logart.io.checkpoint import load_quantized, read_quantization_config
+    from logart.models.vision import load_vision_model
+
+    info = read_quantization_config(directory)["logart_vision"]
+    model, _ = load_quantized(directory)
+    vm = load_vision_model(info["model"], log=log)
+    x_eval, labels = evaluation_images(vm, opts or VisionOptions(model=vm.name))
+    return scores(logits(vm.model, x_eval), logits(model, x_eval), labels)
 
 
 def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
@@ -106,7 +125,8 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         check_writable(opts.output, opts.overwrite)
     seed_everything(opts.seed)
     vm = load_vision_model(opts.model, opts.weights, log=log)
-    x_calib, x_eval, labels = vision_data(vm, opts)
+    x_calib = calibration_images(vm, opts)
+    x_eval, labels = evaluation_images(vm, opts)
     log(f"{vm.name}: {sum(p.numel() for p in vm.model.parameters()) / 1e6:.2f} M parameters; calibration "
         f"{x_calib.shape[0]} images, evaluation {x_eval.shape[0]} {'test images' if labels is not None else 'views'}")
     if opts.first_last_bits:
@@ -130,7 +150,16 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     log(f"{vm.name} {recipe.name} W{recipe.codebook.bits}: " + ", ".join(
         f"{k} {row[k]}" for k in ("top1", "top1_fp32", "agreement", "kl") if k in row) + f" ({seconds:.0f} s)")
     if opts.output:
-        write_json(Path(opts.output) / "report.json", dict(row, layers=[r.to_dict() for r in result.layers]))
+        from logart.io.checkpoint import save_quantized
+        from logart.models.vision import checkpoint_config
+
+        out = Path(opts.output)
+        if recipe.codebook.mode == "strict":
+            save_quantized(vm.model, out, result.params, recipe, overwrite=opts.overwrite,
+                           config=checkpoint_config(vm, x_calib.shape[1:]))
+            row["checkpoint_mb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2 ** 20, 3)
+            log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
+        write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers]))
     results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
     append_csv(results, row)
     return row

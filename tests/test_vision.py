@@ -166,3 +166,64 @@ def test_metrics():
     assert agreement(ref, other) == 50.0 and kl(ref, other) > 0
     row = scores(ref, other, torch.tensor([0, 2]))
     assert row["top1"] == 50.0 and row["top1_fp32"] == 100.0
+
+
+def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
+    """Conv weights pack like linear ones (LogConv2d); the reloaded network gives the same logits."""
+    from logart.io.checkpoint import load_quantized, save_quantized
+    from logart.io.conv import LogConv2d
+    from logart.models.vision import VisionModel, checkpoint_config
+
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(width_mult=0.25).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = logart.quantize(model, vision_recipe("logart-fast", bits=3), x, progress=False, log=None,
+                             adapter=CNN(example=x[:2]))
+    with torch.no_grad():
+        expected = model(x)
+    vm = VisionModel("mobilenetv2", model, None, "imagenet-photos")
+    config = checkpoint_config(vm, x.shape[1:])
+    config["logart_vision"]["options"] = {"width_mult": 0.25}
+    save_quantized(model, tmp_path / "ck", result.params, result.recipe, config=config)
+    assert isinstance(model.features[1].conv[0][0], LogConv2d)   # packed in place
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    reloaded, tok = load_quantized(tmp_path / "ck")
+    assert tok is None and isinstance(reloaded.features[1].conv[0][0], LogConv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, monkeypatch, capsys):
+    """`logart quantize --model fashion-resnet` end to end on synthetic Fashion-MNIST files (an untrained,
+    cached network: the path, not the accuracy), then `logart eval` on the packed checkpoint."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from logart.cli import main
+    from logart.models import fashion
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 40)):
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setenv("LOGART_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setenv("LOGART_CACHE", str(tmp_path / "cache"))
+    stem = tmp_path / "cache" / "fashion" / f"fashion-resnet-{fashion._key('fashion-resnet', fashion.TrainConfig())}"
+    stem.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(fashion.FashionResNet().state_dict(), stem.with_suffix(".safetensors"))
+    stem.with_suffix(".json").write_text(json.dumps({"accuracy": 10.0}))
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", "fashion-resnet", "--bits", "4", "--recipe", "logart", "--recon-iters", "5",
+            "--nsamples", "32", "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "fashion-resnet" and "top1" in report and report["recipe"]["name"] == "logart"
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"top1 {report['top1']}" in printed and "agreement" in printed

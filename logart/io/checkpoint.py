@@ -68,8 +68,8 @@ def module_spec(qc: dict, name: str) -> dict:
 
 def packed_shell(module, name: str, qc: dict, n_tables: int) -> LogLinear:
     """The empty packed module that replaces `module` of the skeleton, with `name`'s own bits and group size."""
-    if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-        raise LogartError(f"{name} is a {type(module).__name__}, not a Linear or Embedding layer.",
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+        raise LogartError(f"{name} is a {type(module).__name__}, not a Linear, Conv2d or Embedding layer.",
                           "the config and the architecture do not belong together; re-export the checkpoint.")
     spec = module_spec(qc, name)
     return packed_class(module).empty_like(module, spec["bits"], spec["group_size"], n_tables)
@@ -104,15 +104,17 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
             f.write(text + b" " * (n - len(text)))
 
 
-def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False) -> Path:
+def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overwrite: bool = False,
+                   config: dict | None = None) -> Path:
     """Pack `model` in place (see `pack_model`) and write the checkpoint folder. `layers` maps module names
     to (codebook, params) as returned by `logart.quantize`; `recipe` is the `Recipe` used. The per-row choices
-    also go to quant_params.safetensors, for `logart report`."""
+    also go to quant_params.safetensors, for `logart report`. `config`: what rebuilds the architecture, for a
+    model without a Hugging Face config (a vision model: {"logart_vision": {...}}, models/vision.py)."""
     modules = pack_model(model, layers)
     state = _unique_state(model)
     meta = {"format": "pt", "logart.format_version": str(FORMAT_VERSION),
             "logart.sha256": json.dumps({k: _sha256(v) for k, v in state.items()})}
-    config = model.config.to_dict()
+    config = dict(config) if config is not None else model.config.to_dict()
     config.pop("quantization_config", None)
     own_specs = {name: cb.spec.to_dict() for name, (cb, _) in layers.items() if cb.spec != recipe.codebook}
     config["quantization_config"] = quantization_config(recipe.codebook.to_dict(), recipe.to_dict(), modules,
@@ -126,7 +128,7 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
         if choices:
             save_safetensors(choices, tmp / PARAMS)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        gen = getattr(model, "generation_config", None)
+        gen = getattr(model, "generation_config", None) if hasattr(model, "config") else None
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
@@ -282,6 +284,9 @@ def build_skeleton(config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qc = config["quantization_config"]
+    if "logart_vision" in config:
+        from logart.models.vision import vision_skeleton
+        return vision_skeleton(config["logart_vision"]), qc
     cfg = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         hf_config = AutoConfig.for_model(**cfg)

@@ -40,5 +40,8 @@ class LogEmbedding(LogLinear):
 
 
 def packed_class(module: nn.Module) -> type[LogLinear]:
-    """The packed module type that replaces `module` (an nn.Embedding or an nn.Linear)."""
+    """The packed module type that replaces `module` (an nn.Embedding, nn.Conv2d or nn.Linear)."""
+    if isinstance(module, nn.Conv2d):
+        from logart.io.conv import LogConv2d
+        return LogConv2d
     return LogEmbedding if isinstance(module, nn.Embedding) else LogLinear

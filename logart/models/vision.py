@@ -93,6 +93,51 @@ def _resnet(name: str, weights):
     return (_load(model, weights, name) if weights else model), IMAGENET
 
 
+def architecture(name: str, options: dict | None = None) -> nn.Module:
+    """The network of `name` with fresh (random) weights, eval mode: what a packed checkpoint is loaded into.
+    `options`: constructor arguments (e.g. torchvision's width_mult)."""
+    key, options = str(name).lower(), options or {}
+    if key.startswith("fashion-"):
+        from logart.models.fashion import ARCHS
+        return ARCHS[key](**options).eval()
+    if key == "mobilenetv2":
+        from torchvision.models import mobilenet_v2
+        return mobilenet_v2(**options).eval()
+    if key.startswith("efficientnet-lite"):
+        from efficientnet_lite_pytorch import EfficientNet
+        return EfficientNet.from_name(key, **options).eval()
+    if key in VISION_MODELS:
+        import torchvision.models as tvm
+        return getattr(tvm, key)(**options).eval()
+    raise LogartError(f"the checkpoint names an unknown vision model {name!r}.",
+                      f"this logart knows {', '.join(VISION_MODELS)}; re-export the checkpoint.")
+
+
+def checkpoint_config(vm: "VisionModel", input_shape) -> dict:
+    """What `save_quantized` writes to rebuild the network (`vision_skeleton`)."""
+    from dataclasses import asdict
+
+    return {"logart_vision": {"model": vm.name, "input_shape": list(input_shape), "data": vm.data,
+                              "preprocess": asdict(vm.preprocess) if vm.preprocess else None}}
+
+
+def vision_skeleton(info: dict) -> nn.Module:
+    """The architecture with its BatchNorms folded away, as `logart quantize` saved it (weights to be loaded)."""
+    from logart.models.cnn import fold_batchnorm
+
+    if not isinstance(info, dict) or "model" not in info or not isinstance(info.get("input_shape"), list):
+        raise LogartError("config.json: logart_vision must name the model and its input_shape.",
+                          "the checkpoint is damaged; re-export it.")
+    try:
+        model = architecture(info["model"], info.get("options"))
+    except TypeError as e:
+        raise LogartError(f"config.json: logart_vision options {info.get('options')} do not fit {info['model']} ({e}).",
+                          "the checkpoint is damaged; re-export it.") from e
+    with torch.no_grad():
+        fold_batchnorm(model, torch.zeros(1, *info["input_shape"]))
+    return model
+
+
 VISION_MODELS = ("mobilenetv2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18",
                  "resnet50", "fashion-resnet", "fashion-mobilenet")
 
