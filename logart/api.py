@@ -18,6 +18,7 @@ class QuantizationResult:
     recipe: Recipe
     layers: list[LayerRecord] = field(default_factory=list)
     params: dict = field(default_factory=dict)   # module name -> (codebook, params): what save_quantized packs
+    activations: dict = field(default_factory=dict)   # site name -> its activation quantizer (calib/activations.py)
     seconds: float = 0.0
 
     def k_histogram(self) -> dict:
@@ -64,7 +65,17 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
                                    batch=rc.batch, lr=rc.lr, lr_min_ratio=rc.lr_min_ratio, reg_weight=rc.reg_weight,
                                    seed=recipe.calibration.seed)
         reconstruction = BlockReconstruction(config, progress=progress)
+    activations = None
+    if recipe.activations.bits is not None:
+        from logart.calib.activations import ActConfig, ActivationQuantization
+
+        ac = recipe.activations
+        activations = ActivationQuantization(ActConfig(bits=ac.bits, method=ac.method, learn=ac.learn))
+        if reconstruction is not None and reconstruction.steps is None:
+            reconstruction.steps = activations.steps   # LSQ: the steps learn with the block's rounding
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
-                                     streamer=streamer, reconstruct=reconstruction, on_block_done=on_block_done)
+                                     streamer=streamer, reconstruct=reconstruction, on_block_done=on_block_done,
+                                     activations=activations)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
-                              seconds=time.perf_counter() - t0)
+                              seconds=time.perf_counter() - t0,
+                              activations=activations.finish() if activations else {})

@@ -103,6 +103,11 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--max-memory", metavar="SIZE",
                    help="larger-than-memory mode: keep at most SIZE (e.g. 300MB) of weights in memory, loading one "
                         "block at a time from a safetensors folder (see `logart convert`)")
+    p.add_argument("--act-bits", type=int, metavar="BITS",
+                   help="vision models: also quantize every conv / linear input to BITS (uniform, per tensor; "
+                        "the network's input image stays full precision), e.g. 4 for W4A4")
+    p.add_argument("--act-method", choices=["mse", "percentile"],
+                   help="activation step search (default mse); steps are trained during block reconstruction")
     p.add_argument("--weights", help="vision models: a local state_dict file for the architecture")
     p.add_argument("--first-last-bits", type=int, metavar="BITS",
                    help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
@@ -118,7 +123,7 @@ def _recipe_from(args, make=make_recipe):
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
-                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop"):
+                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop", "act_bits", "act_method"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

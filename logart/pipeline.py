@@ -81,6 +81,9 @@ def _check_output(opts: RunOptions) -> None:
 def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if recipe.activations.bits is not None:
+        raise LogartError("activation quantization (--act-bits) is implemented for vision models so far, not for "
+                          "causal LMs.", "drop --act-bits, or quantize a vision model (e.g. --model mobilenetv2).")
     _check_output(opts)
     # Bad data paths fail now, not after the model has loaded (packaged texts are cached in memory).
     if recipe.needs_calibration:

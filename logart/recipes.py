@@ -183,6 +183,20 @@ class ReconstructionConfig:
 
 
 @dataclass(frozen=True)
+class ActivationsConfig:
+    """Activation quantization of every weight site's input (calib/activations.py; run-wide). bits None: off."""
+
+    bits: int | None = None
+    method: str = "mse"              # step search: "mse" or "percentile"
+    learn: bool = True               # train the steps with the rounding during block reconstruction (LSQ)
+
+    def __post_init__(self):
+        if self.bits is not None:
+            from logart.calib.activations import ActConfig
+            ActConfig(bits=self.bits, method=self.method)   # its checks
+
+
+@dataclass(frozen=True)
 class LMOptions:
     """Family options of causal LMs: the ends, off by default."""
 
@@ -191,7 +205,7 @@ class LMOptions:
 
 
 PIECES = {"search": SearchConfig, "rounding": RoundingConfig, "calibration": CalibrationConfig,
-          "reconstruction": ReconstructionConfig, "lm": LMOptions}
+          "reconstruction": ReconstructionConfig, "activations": ActivationsConfig, "lm": LMOptions}
 # The flat option names of the CLI and of make_recipe(**options): (piece, field).
 FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search", "strategy"),
         "score": ("search", "score"), "abs_per_row": ("search", "abs_per_row"),
@@ -203,6 +217,7 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         "recon_forward": ("reconstruction", "forward"), "recon_batch": ("reconstruction", "batch"),
         "recon_lr": ("reconstruction", "lr"), "recon_lr_min_ratio": ("reconstruction", "lr_min_ratio"),
         "recon_reg": ("reconstruction", "reg_weight"),
+        "act_bits": ("activations", "bits"), "act_method": ("activations", "method"), "act_learn": ("activations", "learn"),
         "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
 
 
@@ -217,6 +232,7 @@ class Recipe:
     rounding: RoundingConfig = RoundingConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     reconstruction: ReconstructionConfig = ReconstructionConfig()
+    activations: ActivationsConfig = ActivationsConfig()
     lm: LMOptions = LMOptions()
     ignore: tuple[str, ...] = field(default_factory=tuple)   # regexes of modules kept in full precision
     overrides: tuple[Override, ...] = field(default_factory=tuple)   # ordered: the first match wins
@@ -267,7 +283,8 @@ class Recipe:
         if rule.recipe is not None:
             spec = self.codebook
             base = replace(make_recipe(rule.recipe, bits=spec.bits, group_size=spec.group_size, mode=spec.mode),
-                           calibration=self.calibration, reconstruction=self.reconstruction)
+                           calibration=self.calibration, reconstruction=self.reconstruction,
+                           activations=self.activations)
         method = rule.method or base.codebook.method
         codebook = replace(base.codebook, method=method,
                            bits=base.codebook.bits if rule.bits is None else rule.bits,
@@ -296,7 +313,7 @@ class Recipe:
         """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
         single candidate with RTN is data-free."""
         own = (self.search.score == "hessian" and self.searches) or self.rounding.method != Rounding.RTN \
-            or self.reconstruction.kind != "none"
+            or self.reconstruction.kind != "none" or self.activations.bits is not None
         return own or any(self._apply(r).needs_calibration for r in self.overrides)
 
     def to_dict(self) -> dict:

@@ -146,6 +146,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
            "eval_inputs": int(x_eval.shape[0]), "first_last_bits": opts.first_last_bits,
            "quant_seconds": round(seconds, 1), "block_seconds": [round(s, 1) for s in blocks],
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
+           "act_sites": len(result.activations),
            "versions": versions()}
     log(f"{vm.name} {recipe.name} W{recipe.codebook.bits}: " + ", ".join(
         f"{k} {row[k]}" for k in ("top1", "top1_fp32", "agreement", "kl") if k in row) + f" ({seconds:.0f} s)")
@@ -154,12 +155,15 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         from logart.models.vision import checkpoint_config
 
         out = Path(opts.output)
+        if recipe.activations.bits is not None:   # the packed format holds weights only (so far)
+            log("note: the checkpoint holds the packed weights; the activation steps are in report.json")
         if recipe.codebook.mode == "strict":
             save_quantized(vm.model, out, result.params, recipe, overwrite=opts.overwrite,
                            config=checkpoint_config(vm, x_calib.shape[1:]))
             row["checkpoint_mb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2 ** 20, 3)
             log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
-        write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers]))
+        write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers],
+                                             activations=result.activations))
     results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
     append_csv(results, row)
     return row

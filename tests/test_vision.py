@@ -227,3 +227,37 @@ def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, monkeypatch, capsy
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"top1 {report['top1']}" in printed and "agreement" in printed
+
+
+def test_w4a4_installs_activation_quantizers_and_learns_their_steps():
+    from logart.calib.activations import ActConfig, UniformActQuantizer
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(x)
+    r = vision_recipe("logart", bits=4, act_bits=4, recon_iters=30, recon_batch=8)
+    result = logart.quantize(model, r, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+    acts = result.activations
+    assert sorted(acts) == ["body.0", "body.3", "fc"]        # every site but the image input of conv1
+    assert acts["body.3"]["signed"] is False                  # after a ReLU6: the unsigned grid
+    seen = []
+    hook = model.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = model(x)
+    hook.remove()
+    step = acts["fc"]["step"]
+    assert torch.allclose(seen[0] / step, torch.round(seen[0] / step), atol=1e-4)   # fc's input lies on its grid
+    assert agreement(reference, out) > 50
+    assert any(a["step"] != a["step_searched"] for a in acts.values())   # reconstruction trained the steps (LSQ)
+    q = UniformActQuantizer(4, signed=True)
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert q.fit(values, ActConfig(bits=4)) < 0.05 and float(q.step) < float(values.abs().max()) / 7
+
+
+def test_activation_bits_are_refused_for_causal_lms(tmp_path, capsys):
+    from logart.cli import main
+
+    assert main(["quantize", "--model", "smollm2-135m", "--act-bits", "4", "--output", str(tmp_path / "x")]) == 2
+    assert "vision models so far" in capsys.readouterr().err

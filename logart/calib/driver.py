@@ -52,10 +52,11 @@ class _Stream:
 
 class BlockDriver:
     def __init__(self, model, adapter, recipe: Recipe, data, progress=True, log=print, state=None, streamer=None,
-                 reconstruct=None):
+                 reconstruct=None, activations=None):
         self.model, self.adapter, self.recipe, self.data = model, adapter, recipe, data
         self.progress, self.log, self.state, self.streamer = progress, log, state, streamer
         self.reconstruct = reconstruct   # called (driver, block, chosen, inputs, kwargs, fp_inputs, fp_module), or None
+        self.activations = activations   # calib/activations.py ActivationQuantization, or None
         self.codebook_of = functools.cache(make_codebook)   # one codebook per distinct spec, shared by its sites
         self.records: list[LayerRecord] = []
         self.params: dict = {}
@@ -76,7 +77,8 @@ class BlockDriver:
         return chosen
 
     def _needs_data(self, chosen: dict) -> bool:
-        return any(site.takes_inputs and eff.needs_calibration for site, eff in chosen.values())
+        return self.activations is not None or any(site.takes_inputs and eff.needs_calibration
+                                                   for site, eff in chosen.values())
 
     def inputs_for(self, index: int, block, chosen: dict):
         """(inputs, kwargs, fp inputs) of the block, or (None, {}, None) when no site of it needs data."""
@@ -140,6 +142,8 @@ class BlockDriver:
         bars = (bar, layer_bar)
         self.block_records, self.block_params = [], {}
         fp_block = copy.deepcopy(block.module) if (fp_inputs is not None or self.reconstruct) else None
+        if self.activations is not None and inputs is not None:   # after the copy: it stays full precision
+            self.activations.calibrate(run, block, inputs)
         if inputs is None or not calibrated:
             self.quantize_sites(list(chosen), chosen, {}, {}, bars)
         elif fp_inputs is None or not self.recipe.calibration.fp_target:
@@ -240,7 +244,7 @@ def _relative(name: str, prefix: str) -> str:
 
 
 def quantize_blocks(model, adapter, recipe: Recipe, data, progress: bool = True, log=print, on_block_done=None,
-                    state=None, streamer=None, reconstruct=None) -> tuple[list[LayerRecord], dict]:
+                    state=None, streamer=None, reconstruct=None, activations=None) -> tuple[list[LayerRecord], dict]:
     """Quantize every weight site the adapter lists, in place, each with its effective recipe
     (`Recipe.for_module`: ignore list, then the first matching override). Returns the per-site records and
     {site name: (codebook, params)}, what `save_quantized` packs.
@@ -250,5 +254,5 @@ def quantize_blocks(model, adapter, recipe: Recipe, data, progress: bool = True,
     for models larger than memory, `load(block name)` before a chained block is touched and `done(block name,
     block params)` once it is finished (it packs the block, dropping its float weights). reconstruct: block
     reconstruction after the sites of a block are quantized (calib/reconstruct.py)."""
-    driver = BlockDriver(model, adapter, recipe, data, progress, log, state, streamer, reconstruct)
+    driver = BlockDriver(model, adapter, recipe, data, progress, log, state, streamer, reconstruct, activations)
     return driver.run(on_block_done)
