@@ -28,7 +28,11 @@ DROP_TARGETS = {("fashion-resnet", 4): 0.3, ("fashion-resnet", 3): 1.0, ("fashio
 def checks(rows: list[dict]) -> list[dict]:
     """The acceptance lines of issue #15 that these rows can decide."""
     out = []
-    by = {(r["model"], r["bits"], r["recipe_name"]): r for r in rows}
+    for r in rows:
+        if r.get("act_bits") == 4 and r["bits"] == 4 and r["recipe_name"] == "logart" and "top1" in r:
+            drop = round(r["top1_fp32"] - r["top1"], 3)
+            out.append({"check": f"{r['model']} W4A4 logart drop <= 2.0", "value": drop, "pass": drop <= 2.0})
+    by = {(r["model"], r["bits"], r["recipe_name"]): r for r in rows if not r.get("act_bits")}
     for (model, bits), limit in DROP_TARGETS.items():
         r = by.get((model, bits, "logart"))
         if r is not None and "top1" in r:
@@ -60,20 +64,23 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=2000, help="reconstruction iterations per block (brecq, logart)")
     ap.add_argument("--nsamples", type=int, default=1024, help="calibration images")
     ap.add_argument("--eval-views", type=int, default=5)
+    ap.add_argument("--act-bits", type=int, nargs="*", default=[],
+                    help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cnn.json"))
     args = ap.parse_args()
     rows, t0 = [], time.perf_counter()
     for model in args.models:
-        for bits in args.bits:
+        for bits, act_bits in [(b, None) for b in args.bits] + [(b, a) for b in args.bits for a in args.act_bits]:
             for name in args.recipes:
                 options = {"recon_iters": args.iters} if name in ("brecq", "logart") else {}
-                recipe = vision_recipe(name, bits=bits, **options)
+                recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
                                      eval_views=args.eval_views, threads=args.threads, progress=False,
                                      results=str(Path(args.out).with_suffix(".csv")), tag="bench-cnn")
                 row = run_vision(recipe, opts)
-                rows.append({"model": model, "bits": bits, "recipe_name": name, "command": " ".join(sys.argv),
+                rows.append({"model": model, "bits": bits, "act_bits": act_bits, "recipe_name": name,
+                             "command": " ".join(sys.argv),
                              **{k: row[k] for k in ("top1", "top1_fp32", "agreement", "kl", "eval_inputs",
                                                     "nsamples", "quant_seconds", "block_seconds", "peak_rss_gb")
                                 if k in row}, "recipe": row["recipe"]})

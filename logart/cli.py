@@ -118,7 +118,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
 
 
 def _recipe_from(args, make=make_recipe):
-    overrides = {"nsamples": args.nsamples or 32, "seqlen": args.seqlen, "seed": args.seed,
+    overrides = {"nsamples": 32 if args.nsamples is None else args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
@@ -175,7 +175,7 @@ def cmd_demo(args):
     args.output = args.output or f"runs/demo-{stamp}"
     args.recipe = "logart" if args.full else "logart-fast"
     if not args.full:
-        args.nsamples = args.nsamples or 8
+        args.nsamples = 8 if args.nsamples is None else args.nsamples
         args.eval_windows = args.eval_windows if args.eval_windows != 16 else 4
     print(f"logart demo: {'the full LogART recipe (DBS+SFS+ABS+GPTQ/LLR)' if args.full else 'LogART without learned rounding'}"
           f" on {args.model}, W{args.bits} per channel, calibration {args.nsamples} x {args.seqlen} tokens, "

@@ -114,7 +114,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     from logart.api import quantize
     from logart.atomic import check_writable
     from logart.eval.classify import logits, scores
-    from logart.models.cnn import CNN
+    from logart.models.cnn import CNN, find_blocks
     from logart.models.vision import load_vision_model
     from logart.pipeline import seed_everything
     from logart.report import append_csv, now, peak_rss_gb, versions, write_json
@@ -134,9 +134,13 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     reference = logits(vm.model, x_eval)
     t0 = time.perf_counter()
     blocks = []
+    n_blocks = len(find_blocks(vm.model))
 
     def on_block(index, seconds):
         blocks.append(seconds)
+        left = (n_blocks - index - 1) * (time.perf_counter() - t0) / (index + 1)
+        log(f"block {index + 1}/{n_blocks} done in {seconds:.1f} s; elapsed {time.perf_counter() - t0:.0f} s, "
+            f"ETA {left:.0f} s")
 
     result = quantize(vm.model, recipe, x_calib if recipe.needs_calibration else x_calib[:2], progress=opts.progress,
                       log=None, adapter=CNN(example=x_calib[:2]), on_block_done=on_block)
