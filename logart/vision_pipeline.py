@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from logart.errors import LogartError
 from logart.recipes import Override, Recipe, make_recipe
 
 # The original CNN pipeline's reconstruction (LogART-CNN main.py; spec §5).

@@ -13,7 +13,7 @@ import logart
 from logart.data.images import Preprocess, _read_idx, fashion_mnist, views
 from logart.errors import LogartError
 from logart.eval.classify import agreement, kl, scores
-from logart.models.cnn import CNN, find_blocks, fold_batchnorm
+from logart.models.cnn import CNN, fold_batchnorm
 from logart.vision_pipeline import first_last_overrides, vision_recipe
 
 

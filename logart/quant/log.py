@@ -117,7 +117,6 @@ class LogCodebook(Codebook):
 
     def params_from_extremes(self, m_pos, m_neg, k, s) -> LogParams:
         """The row parameters follow from the two extremes, k and s alone (spec §2.1)."""
-        L = self.L
         pure2 = self._pure2(k)
         big = torch.maximum(m_pos, m_neg).clamp(min=TINY_ROW)   # rows below TINY_ROW count as all-zero
         top2 = 2 * _rho(_log2(big))                                # base-2 window (k = L)
