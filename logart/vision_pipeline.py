@@ -151,7 +151,8 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
            "act_sites": len(result.activations),
            "versions": versions()}
-    log(f"{vm.name} {recipe.name} W{recipe.codebook.bits}: " + ", ".join(
+    acts = f"A{recipe.activations.bits}" if recipe.activations.bits else ""
+    log(f"{vm.name} {recipe.name} W{recipe.codebook.bits}{acts}: " + ", ".join(
         f"{k} {row[k]}" for k in ("top1", "top1_fp32", "agreement", "kl") if k in row) + f" ({seconds:.0f} s)")
     if opts.output:
         from logart.io.checkpoint import save_quantized
