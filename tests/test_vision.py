@@ -261,3 +261,19 @@ def test_activation_bits_are_refused_for_causal_lms(tmp_path, capsys):
 
     assert main(["quantize", "--model", "smollm2-135m", "--act-bits", "4", "--output", str(tmp_path / "x")]) == 2
     assert "vision models so far" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_packaged_imagenet_weights_and_preprocessing_are_right():
+    """Two independently trained ImageNet models (MobileNetV2, EfficientNet-Lite0), each with its own
+    preprocessing, agree on most held-out photos only if both load their real weights and see proper inputs
+    (random weights would agree about 0.1 % of the time)."""
+    from logart.data.images import load_images
+    from logart.eval.classify import logits
+    from logart.models.vision import load_vision_model
+
+    outs = []
+    for name in ("mobilenetv2", "efficientnet-lite0"):
+        vm = load_vision_model(name)
+        outs.append(logits(vm.model, load_images("photos-eval", vm.preprocess, limit=40)))
+    assert agreement(outs[0], outs[1]) >= 50
