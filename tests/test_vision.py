@@ -227,6 +227,9 @@ def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, monkeypatch, capsy
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"top1 {report['top1']}" in printed and "agreement" in printed
+    assert main(["report", str(out), "--model", "fashion-resnet"]) == 0   # the fp32 weights under the levels
+    summary = (out / "report" / "summary.md").read_text()
+    assert "fashion-resnet" in summary and list((out / "report").glob("codebook_*.png"))
 
 
 def test_w4a4_installs_activation_quantizers_and_learns_their_steps():

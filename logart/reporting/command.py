@@ -31,13 +31,31 @@ def error_label(recipe: dict) -> tuple[str, str]:
     return ERROR_H if needs_calibration(recipe) else ERROR_W
 
 
-def _fp_weights(model: str, names: list[str]) -> dict:
+def _fp_model(model: str, config: dict | None):
+    """The full-precision model as the quantized one saw it (a vision network with its BatchNorms folded)."""
+    from logart.models.vision import is_vision_model
+    if is_vision_model(model):
+        import torch
+
+        from logart.models.cnn import fold_batchnorm
+        from logart.models.vision import load_vision_model
+
+        fp = load_vision_model(model).model
+        shape = ((config or {}).get("logart_vision") or {}).get("input_shape") or [3, 224, 224]
+        with torch.no_grad():
+            fold_batchnorm(fp, torch.zeros(1, *shape))
+        return fp
     from logart.models import load_causal_lm
-    fp, _ = load_causal_lm(model)
+    return load_causal_lm(model)[0]
+
+
+def _fp_weights(model: str, names: list[str], config: dict | None = None) -> dict:
+    fp = _fp_model(model, config)
     out = {}
     for name in names:
         try:
-            out[name] = fp.get_submodule(name).weight.detach().float()
+            w = fp.get_submodule(name).weight.detach().float()
+            out[name] = w.reshape(w.shape[0], -1)   # a conv kernel as the [out, in] matrix the codebook saw
         except AttributeError as e:
             raise LogartError(f"the --model {model!r} has no layer {name!r}.",
                               "pass the model that was quantized (report.json names it).") from e
@@ -105,7 +123,7 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
     if sizes is not None:
         report.effective_bits = sizes.effective_bits
         chosen = run.pick(layers)
-        fp = _fp_weights(model, chosen) if model else {}
+        fp = _fp_weights(model, chosen, run.config) if model else {}
         report.fp_overlay = bool(fp)
         for name in chosen:
             view = row_view(run, name, row, fp.get(name))
