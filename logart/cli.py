@@ -8,6 +8,7 @@
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
     logart export DIR OUT [--dtype float16|bfloat16|float32]   # plain HF checkpoint, no logart needed
     logart convert MODEL OUT [--shard-size 100MB]   # sharded safetensors folder, the input of --max-memory
+    logart train-fashion fashion-resnet|fashion-mobilenet   # the Fashion-MNIST CNNs (trained once, cached)
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -246,6 +247,12 @@ def _compare_with_run(args, windows, ppl, bos: bool):
               f"relative difference {abs(ppl - run['ppl']) / run['ppl']:.2e}")
 
 
+def cmd_train_fashion(args):
+    from logart.models.fashion import fashion_model
+    _, accuracy = fashion_model(args.name)
+    print(f"{args.name}: fp32 test accuracy {accuracy:.2f} % (cached; later runs load it)")
+
+
 def cmd_generate(args):
     from logart.eval.generate import generate_text
     from logart.io.checkpoint import load_quantized
@@ -290,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and a Markdown summary (summary.md) of a finished run folder")
     report_arguments(r)
     r.set_defaults(func=cmd_report)
+    t = sub.add_parser("train-fashion", help="train (or load from the cache) a Fashion-MNIST CNN: fashion-resnet, "
+                                             "fashion-mobilenet")
+    t.add_argument("name", choices=["fashion-resnet", "fashion-mobilenet"])
+    t.set_defaults(func=cmd_train_fashion)
     from logart.io.export import add_export_parser
     add_export_parser(sub)
     from logart.io.convert import add_convert_parser
