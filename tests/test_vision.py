@@ -194,6 +194,20 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
     assert tok is None and isinstance(reloaded.features[1].conv[0][0], LogConv2d)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+    # a damaged network description is one clear error naming the folder
+    import json
+    cfg_path = tmp_path / "ck" / "config.json"
+    for edit, message in ((lambda c: c["logart_vision"].update(model="vgg-99"), "unknown vision model"),
+                          (lambda c: c["logart_vision"].update(options={"width": 3}), "do not fit"),
+                          (lambda c: c["logart_vision"].pop("input_shape"), "input_shape")):
+        cfg = json.loads(cfg_path.read_text())
+        edit(cfg)
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(LogartError, match=message) as e:
+            load_quantized(tmp_path / "ck")
+        assert str(tmp_path / "ck") in str(e.value)
+        config["quantization_config"] = json.loads(json.dumps(cfg["quantization_config"]))
+        cfg_path.write_text(json.dumps(config, default=str))
 
 
 def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, monkeypatch, capsys):
