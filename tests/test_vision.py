@@ -294,3 +294,21 @@ def test_packaged_imagenet_weights_and_preprocessing_are_right():
         vm = load_vision_model(name)
         outs.append(logits(vm.model, load_images("photos-eval", vm.preprocess, limit=40)))
     assert agreement(outs[0], outs[1]) >= 50
+
+
+def test_tf_same_padding_convs_give_the_rows_they_convolve():
+    """EfficientNet-Lite's convolutions pad inside their forward (TensorFlow 'same'): the site's rows must include
+    that padding, so that rows @ Wᵀ is the convolution's output."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from logart.models.sites import WeightSite
+
+    conv = EfficientNet.from_name("efficientnet-lite0").eval()._conv_stem
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    site = WeightSite("_conv_stem", conv)
+    with torch.no_grad():
+        out = conv(x)
+    got = (site.rows(x) @ site.matrix().T).T.reshape(out.shape[1:])
+    torch.testing.assert_close(got, out[0], rtol=1e-4, atol=1e-4)
+    hash(site.row_key)   # stride is a list in this port: the key must still be hashable

@@ -62,7 +62,10 @@ class WeightSite:
         keys match (a 3x3 conv and its block's 1x1 stride-2 shortcut read the same tensor, not the same rows)."""
         m = self.module
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            return (type(m).__name__, m.kernel_size, m.dilation, m.padding, m.stride, m.groups, self.columns)
+            pad = getattr(m, "static_padding", None)
+            return (type(m).__name__, *(tuple(v) if isinstance(v, (list, tuple)) else v for v in (
+                m.kernel_size, m.dilation, m.padding, m.stride, m.groups, self.columns,
+                getattr(pad, "padding", None))))
         return (type(m).__name__, self.columns)
 
     @property
@@ -81,6 +84,10 @@ class WeightSite:
         if isinstance(m, nn.Linear):
             return x.reshape(-1, m.in_features)
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            if isinstance(getattr(m, "static_padding", None), nn.Module):
+                # TensorFlow-style 'same' convolutions (the EfficientNet ports) pad inside their forward,
+                # after the input this site sees: pad the same way, so the rows are the patches it convolves.
+                x = m.static_padding(x)
             if isinstance(m, nn.Conv1d):   # a [B, C, L] signal is a [B, C, 1, L] image with a 1 x k kernel
                 x, k, d, p, s = x.unsqueeze(2), (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)
             else:
