@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,18 +90,12 @@ def _key(name: str, cfg: TrainConfig) -> str:
     return hashlib.sha256(parts.encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    """Top-1 accuracy in percent."""
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    return 100.0 * correct / len(x)
-
-
 def train(name: str, cfg: TrainConfig = TrainConfig(), log=print) -> tuple[nn.Module, float]:
     """Train `name` on the Fashion-MNIST train split; (model in eval mode, test accuracy %)."""
     from tqdm.auto import tqdm
 
     from logart.data.images import fashion_mnist, fashion_tensors
+    from logart.eval.classify import logits, top1
 
     if name not in ARCHS:
         raise LogartError(f"unknown Fashion-MNIST model {name!r}.", f"use one of {', '.join(ARCHS)}.")
@@ -131,7 +126,7 @@ def train(name: str, cfg: TrainConfig = TrainConfig(), log=print) -> tuple[nn.Mo
         model.eval()
     torch.set_num_threads(threads)
     test_images, test_labels = fashion_mnist("test")
-    acc = accuracy(model, fashion_tensors(test_images), test_labels)
+    acc = top1(logits(model, fashion_tensors(test_images)), test_labels)
     if log:
         log(f"trained {name} in {time.perf_counter() - t0:.0f} s: test accuracy {acc:.2f} %")
     return model, acc
@@ -158,5 +153,5 @@ def fashion_model(name: str, cfg: TrainConfig = TrainConfig(), log=print) -> tup
             pass
     model, acc = train(name, cfg, log)
     write_file(weights, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp))
-    write_file(meta, lambda tmp: open(tmp, "w").write(json.dumps({"accuracy": acc, "train": asdict(cfg)})))
+    write_file(meta, lambda tmp: Path(tmp).write_text(json.dumps({"accuracy": acc, "train": asdict(cfg)})))
     return model, acc
