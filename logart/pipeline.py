@@ -27,7 +27,7 @@ from logart.models.streaming import open_streaming, parse_size, resident_bytes
 from logart.errors import LogartError
 from logart.recipes import Recipe
 from logart.version import __version__
-from logart.report import append_csv, now, peak_rss_gb, versions, write_json
+from logart.report import append_csv, results_csv, now, peak_rss_gb, versions, write_json
 
 
 @dataclass
@@ -166,7 +166,7 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
         write_json(out / "report.json", report)
     if state is not None:
         state.finish()
-    results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
+    results = results_csv(opts.results, opts.output)
     append_csv(results, row)
     log(f"appended the result row to {results}")
     return report

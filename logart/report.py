@@ -47,6 +47,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def results_csv(results=None, output=None) -> Path:
+    """Where a run's results row goes: `results` when given, else results.csv beside the output folder (or
+    in the working folder when the run saves nothing)."""
+    if results:
+        return Path(results)
+    return (Path(output).parent if output else Path(".")) / "results.csv"
+
+
 def append_csv(path, row: dict) -> None:
     """Append `row` (nested dicts flattened) to a CSV; a header with new columns rewrites the file atomically."""
     path = Path(path)

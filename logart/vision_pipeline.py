@@ -116,7 +116,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     from logart.models.cnn import CNN, find_blocks
     from logart.models.vision import load_vision_model
     from logart.pipeline import seed_everything
-    from logart.report import append_csv, now, peak_rss_gb, versions, write_json
+    from logart.report import append_csv, results_csv, now, peak_rss_gb, versions, write_json
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -168,6 +168,6 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
             log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
         write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers],
                                              activations=result.activations))
-    results = Path(opts.results) if opts.results else (Path(opts.output).parent if opts.output else Path(".")) / "results.csv"
+    results = results_csv(opts.results, opts.output)
     append_csv(results, row)
     return row
