@@ -67,10 +67,9 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
         reconstruction = BlockReconstruction(config, progress=progress)
     activations = None
     if recipe.activations.bits is not None:
-        from logart.calib.activations import ActConfig, ActivationQuantization
+        from logart.calib.activations import ActivationQuantization
 
-        ac = recipe.activations
-        activations = ActivationQuantization(ActConfig(bits=ac.bits, method=ac.method, learn=ac.learn))
+        activations = ActivationQuantization(recipe.activations)
         if reconstruction is not None and reconstruction.steps is None:
             reconstruction.steps = activations.steps   # LSQ: the steps learn with the block's rounding
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,

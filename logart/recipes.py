@@ -191,9 +191,14 @@ class ActivationsConfig:
     learn: bool = True               # train the steps with the rounding during block reconstruction (LSQ)
 
     def __post_init__(self):
-        if self.bits is not None:
-            from logart.calib.activations import ActConfig
-            ActConfig(bits=self.bits, method=self.method)   # its checks
+        if self.bits is None:
+            return
+        from logart.calib.activations import METHODS
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise LogartError(f"activation bits must be an integer in 2..16, got {self.bits!r}.",
+                              "pass e.g. --act-bits 4 or 8.")
+        if self.method not in METHODS:
+            raise LogartError(f"unknown activation step search {self.method!r}.", f"use one of {', '.join(METHODS)}.")
 
 
 @dataclass(frozen=True)

@@ -17,34 +17,19 @@ reconstruction (LSQ: the gradient reaches the step through a straight-through ro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from logart.calib.hooks import forward_until_seen
-from logart.errors import LogartError
+
+if TYPE_CHECKING:   # the caller hands the recipe's piece in; calib/ does not import the layer above it
+    from logart.recipes import ActivationsConfig
 
 METHODS = ("mse", "percentile")
+PERCENTILE = 99.99        # the "percentile" search clips max |x| at this percentile of |x|
 SAMPLE_VALUES = 2 ** 20   # values per site used by the step search (a strided subsample beyond that)
-
-
-@dataclass(frozen=True)
-class ActConfig:
-    bits: int = 8
-    method: str = "mse"
-    percentile: float = 99.99
-    learn: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise LogartError(f"activation bits must be an integer in 2..16, got {self.bits!r}.",
-                              "pass e.g. --act-bits 4 or 8.")
-        if self.method not in METHODS:
-            raise LogartError(f"unknown activation step search {self.method!r}.", f"use one of {', '.join(METHODS)}.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +50,16 @@ class UniformActQuantizer(nn.Module):
         return torch.clamp(_round_ste(x / step), self.qmin, self.qmax) * step
 
     @torch.no_grad()
-    def fit(self, values: torch.Tensor, config: ActConfig) -> float:
-        """Choose the step on `values` (a 1-D sample of the site's inputs); returns the relative MSE."""
+    def fit(self, values: torch.Tensor, method: str = "mse") -> float:
+        """Choose the step on `values` (a 1-D sample of the site's inputs) by `method` (module doc); returns the
+        relative MSE."""
         top = float(values.abs().max())
         if top == 0.0:
             self.step.fill_(1.0)
             return 0.0
         levels = self.qmax if not self.signed else -self.qmin
-        if config.method == "percentile":
-            limit = float(torch.quantile(values.abs().float(), config.percentile / 100.0)) or top
+        if method == "percentile":
+            limit = float(torch.quantile(values.abs().float(), PERCENTILE / 100.0)) or top
             self.step.fill_(limit / levels)
         else:
             steps = top * torch.linspace(0.01, 1.0, 100) / levels
@@ -96,11 +82,10 @@ def _sample(values: torch.Tensor) -> torch.Tensor:
 class ActivationQuantization:
     """The driver's activation step (calib/driver.py): `calibrate` once per block, `steps` for reconstruction."""
 
-    def __init__(self, config: ActConfig):
+    def __init__(self, config: ActivationsConfig):
         self.config = config
         self.quantizers: dict[str, UniformActQuantizer] = {}
         self.records: dict[str, dict] = {}
-        self._handles = []
         self._first = True
 
     @torch.no_grad()
@@ -119,12 +104,12 @@ class ActivationQuantization:
                 continue
             values = torch.cat(seen[name])
             q = UniformActQuantizer(self.config.bits, signed=bool((values < 0).any()))
-            error = q.fit(_sample(values), self.config)
+            error = q.fit(_sample(values), self.config.method)
             self.quantizers[name] = q
             self.records[name] = {"bits": q.bits, "signed": q.signed, "step_searched": float(q.step),
                                   "relative_mse": error}
-            self._handles.append(site.module.register_forward_pre_hook(
-                lambda _m, args, q=q: (q(args[0]), *args[1:])))
+            # the hook stays: the quantized model keeps quantizing this input
+            site.module.register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]), *args[1:]))
 
     def steps(self, block) -> list[nn.Parameter]:
         """The step sizes of `block`'s quantizers, for reconstruction to train (none unless `learn`)."""
@@ -137,8 +122,3 @@ class ActivationQuantization:
         for name, q in self.quantizers.items():
             self.records[name]["step"] = float(q.step.detach().abs())
         return self.records
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
