@@ -27,8 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # transformers' own "Loading weights" bar: logart prints one line per step instead, and an error stays one line.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from logart.data.bos import CHOICES as BOS_CHOICES
 from logart.errors import LogartError
 from logart.recipes import PRESETS, Override, make_recipe
+
+BOS_HELP = ("start every calibration and evaluation window with the BOS token: auto (default) follows the model's "
+            "convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
 
 
 def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
@@ -91,9 +95,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--calib", default="news", help="news (packaged), wikipedia, a local .txt/.jsonl/.json(.gz) file, or hf:NAME[:CONFIG[:SPLIT]] from the local HF datasets cache")
     p.add_argument("--eval", default="wikipedia", help="evaluation text: wikipedia (packaged), news, or a local file")
     p.add_argument("--eval-windows", type=int, default=16, help="number of 2048-token windows (0 = all)")
-    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
-                   help="start every calibration and evaluation window with the BOS token: auto (default) follows the "
-                        "model's convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto", help=BOS_HELP)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--eval-fp32", action="store_true", help="also measure the full-precision model first")
     p.add_argument("--output", default=d.get("output"), help="checkpoint folder (never overwritten by accident)")
@@ -283,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-windows", type=int, default=16)
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--eval-views", type=int, default=5, help="vision checkpoints: views of each held-out photo")
-    e.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
-                   help="start every calibration and evaluation window with the BOS token: auto (default) follows the "
-                        "model's convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
+    e.add_argument("--bos", choices=BOS_CHOICES, default="auto", help=BOS_HELP)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
     g = sub.add_parser("generate", help="greedy generation from a saved logart checkpoint")

@@ -128,7 +128,7 @@ def save_quantized(model, directory, layers: dict, recipe, tokenizer=None, overw
         if choices:
             save_safetensors(choices, tmp / PARAMS)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        gen = getattr(model, "generation_config", None) if hasattr(model, "config") else None
+        gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
