@@ -8,7 +8,7 @@
     logart report DIR [--layers REGEX] [--model NAME]   # figures + summary.md of a finished run
     logart export DIR OUT [--dtype float16|bfloat16|float32]   # plain HF checkpoint, no logart needed
     logart convert MODEL OUT [--shard-size 100MB]   # sharded safetensors folder, the input of --max-memory
-    logart train-fashion fashion-resnet|fashion-mobilenet   # the Fashion-MNIST CNNs (trained once, cached)
+    logart train-fashion fashion-resnet|fashion-mobilenet|fashion-vit   # Fashion-MNIST models (trained once, cached)
     logart demo [--full]               # the README's first command
 
 Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a traceback.
@@ -17,6 +17,7 @@ Bad input ends with one line `error: ... Fix: ...` and exit code 2, never a trac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -107,10 +108,20 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                    help="larger-than-memory mode: keep at most SIZE (e.g. 300MB) of weights in memory, loading one "
                         "block at a time from a safetensors folder (see `logart convert`)")
     p.add_argument("--act-bits", type=int, metavar="BITS",
-                   help="vision models: also quantize every conv / linear input to BITS (uniform, per tensor; "
-                        "the network's input image stays full precision), e.g. 4 for W4A4")
+                   help="vision models: also quantize the activations to BITS, e.g. 4 for W4A4: every conv / "
+                        "linear input of a CNN (uniform, per tensor; the input image stays full precision); on a ViT "
+                        "the qkv / fc1 / proj / fc2 inputs and both attention products' inputs")
     p.add_argument("--act-method", choices=["mse", "percentile"],
                    help="activation step search (default mse); steps are trained during block reconstruction")
+    p.add_argument("--act-softmax", choices=["adalog", "log2", "logsqrt2", "uniform"],
+                   help="ViTs: the post-softmax quantizer (default adalog: adaptive base 2^(q/37), q searched)")
+    p.add_argument("--act-gelu", choices=["adalog", "log2", "logsqrt2", "uniform"],
+                   help="ViTs: the post-GELU quantizer (default adalog, on x + 0.17 with fc2's bias reparameterized)")
+    p.add_argument("--act-softmax-bits", type=int, metavar="BITS",
+                   help="ViTs: post-softmax bits (default: --act-bits)")
+    p.add_argument("--act-search", choices=["fpcs", "brute", "alternating"],
+                   help="ViTs: the search of the two-parameter activation quantizers against their layer's output "
+                        "(default fpcs, AdaLog's fast progressive combining search)")
     p.add_argument("--weights", help="vision models: a local state_dict file for the architecture")
     p.add_argument("--first-last-bits", type=int, metavar="BITS",
                    help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
@@ -126,7 +137,8 @@ def _recipe_from(args, make=make_recipe):
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
-                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop", "act_bits", "act_method"):
+                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop", "act_bits", "act_method",
+                 "act_softmax", "act_gelu", "act_softmax_bits", "act_search"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook
@@ -156,9 +168,11 @@ def cmd_quantize(args):
 
 
 def cmd_quantize_vision(args):
-    """A CNN by name (models/vision.py): the same recipes with the CNN pipeline's defaults (vision_pipeline.py)."""
-    from logart.vision_pipeline import VisionOptions, run_vision, vision_recipe
+    """A CNN or ViT by name (models/vision.py): the same recipes with the vision pipeline's defaults
+    (vision_pipeline.py)."""
+    from logart.models.vision import family_of
     from logart.pipeline import RunOptions
+    from logart.vision_pipeline import VisionOptions, run_vision, vision_recipe
 
     llm = RunOptions()
     opts = VisionOptions(model=args.model, weights=args.weights,
@@ -167,7 +181,7 @@ def cmd_quantize_vision(args):
                          eval_views=args.eval_views, first_last_bits=args.first_last_bits, output=args.output,
                          results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
                          seed=args.seed, progress=not args.quiet)
-    run_vision(_recipe_from(args, make=vision_recipe), opts)
+    run_vision(_recipe_from(args, make=functools.partial(vision_recipe, family=family_of(args.model))), opts)
 
 
 def cmd_demo(args):
@@ -297,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and a Markdown summary (summary.md) of a finished run folder")
     report_arguments(r)
     r.set_defaults(func=cmd_report)
-    t = sub.add_parser("train-fashion", help="train (or load from the cache) a Fashion-MNIST CNN: fashion-resnet, "
-                                             "fashion-mobilenet")
-    t.add_argument("name", choices=["fashion-resnet", "fashion-mobilenet"])
+    t = sub.add_parser("train-fashion", help="train (or load from the cache) a Fashion-MNIST model: fashion-resnet, "
+                                             "fashion-mobilenet, fashion-vit")
+    t.add_argument("name", choices=["fashion-resnet", "fashion-mobilenet", "fashion-vit"])
     t.set_defaults(func=cmd_train_fashion)
     from logart.io.export import add_export_parser
     add_export_parser(sub)

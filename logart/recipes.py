@@ -187,8 +187,12 @@ class ActivationsConfig:
     """Activation quantization of every weight site's input (calib/activations.py; run-wide). bits None: off."""
 
     bits: int | None = None
-    method: str = "mse"              # step search: "mse" or "percentile"
+    method: str = "mse"              # step search of CNN sites: "mse" or "percentile"
     learn: bool = True               # train the steps with the rounding during block reconstruction (LSQ)
+    softmax: str = "adalog"          # transformer post-softmax sites: adalog, log2, logsqrt2 or uniform
+    gelu: str = "adalog"             # transformer post-GELU sites (shifted by c, fc2's bias reparameterized)
+    softmax_bits: int | None = None  # post-softmax bits (None: `bits`)
+    search: str = "fpcs"             # two-parameter search of transformer sites: fpcs, brute or alternating
 
     def __post_init__(self):
         if self.bits is None:
@@ -199,6 +203,17 @@ class ActivationsConfig:
                               "pass e.g. --act-bits 4 or 8.")
         if self.method not in METHODS:
             raise LogartError(f"unknown activation step search {self.method!r}.", f"use one of {', '.join(METHODS)}.")
+        from logart.calib.activations import LOG_KINDS
+        from logart.search.two_param import STRATEGIES
+        for name, value, allowed in (("post-softmax quantizer", self.softmax, LOG_KINDS),
+                                     ("post-GELU quantizer", self.gelu, LOG_KINDS),
+                                     ("activation search", self.search, STRATEGIES)):
+            if value not in allowed:
+                raise LogartError(f"unknown {name} {value!r}.", f"use one of {', '.join(allowed)}.")
+        if self.softmax_bits is not None and (not isinstance(self.softmax_bits, int)
+                                              or not 2 <= self.softmax_bits <= 16):
+            raise LogartError(f"post-softmax bits must be an integer in 2..16, got {self.softmax_bits!r}.",
+                              "pass e.g. --act-softmax-bits 3.")
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,8 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         "recon_lr": ("reconstruction", "lr"), "recon_lr_min_ratio": ("reconstruction", "lr_min_ratio"),
         "recon_reg": ("reconstruction", "reg_weight"),
         "act_bits": ("activations", "bits"), "act_method": ("activations", "method"), "act_learn": ("activations", "learn"),
+        "act_softmax": ("activations", "softmax"), "act_gelu": ("activations", "gelu"),
+        "act_softmax_bits": ("activations", "softmax_bits"), "act_search": ("activations", "search"),
         "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
 
 

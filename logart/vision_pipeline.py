@@ -35,12 +35,15 @@ CNN_DEFAULTS = {
     "brecq": dict(ORIGINAL_RECONSTRUCTION),
     "logart-fast": {},
 }
+# The original ViT pipeline (spec §6, configs best.py): the same reconstruction with QDrop mixing at p = 0.5.
+VIT_DEFAULTS = {**CNN_DEFAULTS, "logart": dict(CNN_DEFAULTS["logart"], qdrop=0.5)}
 
 
 def vision_recipe(name: str = "logart", bits: int = 4, group_size: int = -1, mode: str = "strict",
-                  **options) -> Recipe:
-    """A preset with the CNN pipeline's defaults (module doc); explicit `options` win."""
-    return make_recipe(name, bits=bits, group_size=group_size, mode=mode, **{**CNN_DEFAULTS.get(name, {}), **options})
+                  family: str = "cnn", **options) -> Recipe:
+    """A preset with the CNN or ViT pipeline's defaults (module doc); explicit `options` win."""
+    defaults = (VIT_DEFAULTS if family == "vit" else CNN_DEFAULTS).get(name, {})
+    return make_recipe(name, bits=bits, group_size=group_size, mode=mode, **{**defaults, **options})
 
 
 def first_last_overrides(model: torch.nn.Module, bits: int) -> tuple[Override, ...]:
@@ -113,8 +116,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     from logart.api import quantize
     from logart.atomic import check_writable
     from logart.eval.classify import logits, scores
-    from logart.models.cnn import CNN, find_blocks
-    from logart.models.vision import load_vision_model
+    from logart.models.vision import load_vision_model, vision_adapter
     from logart.pipeline import seed_everything
     from logart.report import append_csv, results_csv, now, peak_rss_gb, versions, write_json
 
@@ -133,16 +135,19 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     reference = logits(vm.model, x_eval)
     t0 = time.perf_counter()
     blocks = []
-    n_blocks = len(find_blocks(vm.model))
+    adapter = vision_adapter(vm.name, x_calib[:2])
+    n_blocks = None
 
     def on_block(index, seconds):
+        nonlocal n_blocks
+        n_blocks = n_blocks or len(adapter.plan(vm.model))   # prepared by now (BatchNorm folded)
         blocks.append(seconds)
         left = (n_blocks - index - 1) * (time.perf_counter() - t0) / (index + 1)
         log(f"block {index + 1}/{n_blocks} done in {seconds:.1f} s; elapsed {time.perf_counter() - t0:.0f} s, "
             f"ETA {left:.0f} s")
 
     result = quantize(vm.model, recipe, x_calib if recipe.needs_calibration else x_calib[:2], progress=opts.progress,
-                      log=None, adapter=CNN(example=x_calib[:2]), on_block_done=on_block)
+                      log=None, adapter=adapter, on_block_done=on_block)
     seconds = time.perf_counter() - t0
     row = {"tag": opts.tag, "date": now(), "model": vm.name, "pretrained": vm.pretrained, "recipe": recipe.to_dict(),
            "calib": opts.calib, "nsamples": int(x_calib.shape[0]), "eval": opts.eval,

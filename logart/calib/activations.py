@@ -28,6 +28,7 @@ if TYPE_CHECKING:   # the caller hands the recipe's piece in; calib/ does not im
     from logart.recipes import ActivationsConfig
 
 METHODS = ("mse", "percentile")
+LOG_KINDS = ("adalog", "log2", "logsqrt2", "uniform")   # the quantizers a post-softmax / post-GELU site can take
 PERCENTILE = 99.99        # the "percentile" search clips max |x| at this percentile of |x|
 SAMPLE_VALUES = 2 ** 20   # values per site used by the step search (a strided subsample beyond that)
 
@@ -79,22 +80,42 @@ def _sample(values: torch.Tensor) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // SAMPLE_VALUES)]
 
 
+STEP_KINDS = ("conv-input", "linear-input")   # CNN sites: the one-step quantizer above
+SEARCH_ROWS = 512          # rows of a linear consumer's input scored per candidate
+SEARCH_VALUES = 2 ** 16    # values of any other site scored per candidate
+SEARCH_MAPS = 4            # images whose attention maps score a post-softmax candidate
+CAPTURE_BATCH = 8
+
+
 class ActivationQuantization:
-    """The driver's activation step (calib/driver.py): `calibrate` once per block, `steps` for reconstruction."""
+    """The driver's activation step (calib/driver.py): `calibrate` once per block, `steps` for reconstruction.
+
+    CNN sites ("conv-input", "linear-input") get the one-step quantizer above. Transformer sites get a
+    two-parameter quantizer fitted to their consumer's output (calib/act_quantizers.py): post-softmax and
+    post-GELU activations the configured log quantizer (AdaLog by default; post-GELU shifted by c and fc2's
+    bias reparameterized), every other site (post-LayerNorm, attention output, q / k / v) a uniform asymmetric
+    one."""
 
     def __init__(self, config: ActivationsConfig):
         self.config = config
-        self.quantizers: dict[str, UniformActQuantizer] = {}
+        self.quantizers: dict[str, nn.Module] = {}
         self.records: dict[str, dict] = {}
         self._first = True
 
     @torch.no_grad()
     def calibrate(self, run, block, inputs: torch.Tensor) -> None:
         """Fit and install a quantizer on every activation site of `block` (its inputs: `inputs`)."""
-        sites = {a.name: a for a in block.act_sites if not a.output}
-        if self._first and sites:   # the network's input (the first layer's image) stays in full precision
-            sites.pop(next(iter(sites)))
+        step_sites = {a.name: a for a in block.act_sites if a.kind in STEP_KINDS and not a.output}
+        if self._first and step_sites:   # the network's input (the first layer's image) stays in full precision
+            step_sites.pop(next(iter(step_sites)))
+        if block.act_sites:
             self._first = False
+        self._calibrate_steps(run, step_sites, inputs)
+        others = [a for a in block.act_sites if a.kind not in STEP_KINDS]
+        if others:
+            self._calibrate_transformer(run, others, inputs)
+
+    def _calibrate_steps(self, run, sites: dict, inputs: torch.Tensor) -> None:
         seen: dict[str, list] = {name: [] for name in sites}
         for i in range(inputs.shape[0]):
             forward_until_seen(lambda: run(inputs[i:i + 1]), {n: a.module for n, a in sites.items()},
@@ -108,17 +129,104 @@ class ActivationQuantization:
             self.quantizers[name] = q
             self.records[name] = {"bits": q.bits, "signed": q.signed, "step_searched": float(q.step),
                                   "relative_mse": error}
-            # the hook stays: the quantized model keeps quantizing this input
-            site.module.register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]), *args[1:]))
+            _install(site, q)   # the hook stays: the quantized model keeps quantizing this input
+
+    def _calibrate_transformer(self, run, sites: list, inputs: torch.Tensor) -> None:
+        from logart.calib.act_quantizers import GELU_SHIFT, AsymActQuantizer, LogActQuantizer
+
+        seen = _capture(run, sites, inputs)
+        cfg = self.config
+        fitted = []
+        for site in sites:
+            if not seen[site.name]:
+                continue
+            sample, error = _objective(site, seen)
+            kind = {"post-softmax": cfg.softmax, "post-gelu": cfg.gelu}.get(site.kind, "uniform")
+            bits = cfg.softmax_bits if (site.kind == "post-softmax" and cfg.softmax_bits) else cfg.bits
+            if kind == "uniform":
+                q = AsymActQuantizer(bits)
+            else:
+                q = LogActQuantizer(kind, bits, shift=GELU_SHIFT if site.kind == "post-gelu" else 0.0)
+            record = q.fit(sample, error, cfg.search)
+            scale = float(error(torch.zeros_like(sample))) or 1.0
+            self.records[site.name] = {"site_kind": site.kind, **record, "relative_error": record["score"] / scale}
+            self.quantizers[site.name] = q
+            fitted.append((site, q))
+        for site, q in fitted:   # installed together: every site was fitted on the block's unquantized flow
+            _install(site, q)
 
     def steps(self, block) -> list[nn.Parameter]:
-        """The step sizes of `block`'s quantizers, for reconstruction to train (none unless `learn`)."""
+        """The step sizes of `block`'s step quantizers, for reconstruction to train (none unless `learn`)."""
         if not self.config.learn:
             return []
-        return [self.quantizers[a.name].step for a in block.act_sites if a.name in self.quantizers]
+        return [self.quantizers[a.name].step for a in block.act_sites
+                if isinstance(self.quantizers.get(a.name), UniformActQuantizer)]
 
     def finish(self) -> dict:
-        """{site name: {bits, signed, step_searched, step (as trained), relative_mse (of the searched step)}}."""
+        """{site name: its record}: a step quantizer's bits, signedness, searched and trained step and relative
+        MSE; a two-parameter quantizer's kind, parameters, consumer-output error and pairs scored."""
         for name, q in self.quantizers.items():
-            self.records[name]["step"] = float(q.step.detach().abs())
+            if isinstance(q, UniformActQuantizer):
+                self.records[name]["step"] = float(q.step.detach().abs())
         return self.records
+
+
+def _slice(site, out: torch.Tensor) -> torch.Tensor:
+    i, n = site.chunk
+    width = out.shape[-1] // n
+    return out[..., i * width:(i + 1) * width]
+
+
+def _install(site, q: nn.Module) -> None:
+    if not site.output:
+        site.module.register_forward_pre_hook(lambda _m, args: (q(args[0]), *args[1:]))
+    elif site.chunk is None:
+        site.module.register_forward_hook(lambda _m, _args, out: q(out))
+    else:
+        def hook(_m, _args, out):
+            i, n = site.chunk
+            width = out.shape[-1] // n
+            return torch.cat([out[..., :i * width], q(_slice(site, out)), out[..., (i + 1) * width:]], dim=-1)
+        site.module.register_forward_hook(hook)
+
+
+def _capture(run, sites: list, inputs: torch.Tensor) -> dict[str, list]:
+    """Every site's tensor over the calibration inputs, batch by batch, on the block as it is."""
+    seen: dict[str, list] = {s.name: [] for s in sites}
+    handles = []
+    for site in sites:
+        if not site.output:
+            handles.append(site.module.register_forward_pre_hook(
+                lambda _m, args, s=site: seen[s.name].append(args[0].detach().float())))
+        else:
+            handles.append(site.module.register_forward_hook(
+                lambda _m, _a, out, s=site: seen[s.name].append(
+                    (out if s.chunk is None else _slice(s, out)).detach().float())))
+    try:
+        for i in range(0, inputs.shape[0], CAPTURE_BATCH):
+            run(inputs[i:i + CAPTURE_BATCH])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _objective(site, seen: dict) -> tuple[torch.Tensor, object]:
+    """(the sample a candidate quantizes, error(x_hat) of its consumer's output) for one site (AdaLog's
+    layer-output MSE): x W^T for a linear layer's input, A·V for post-softmax attention, the values
+    themselves otherwise."""
+    values = torch.cat(seen[site.name])
+    if site.kind == "post-softmax" and site.partner in seen and seen[site.partner]:
+        maps = values[:SEARCH_MAPS]                                   # [B, H, N, N]
+        v = torch.cat(seen[site.partner])[:SEARCH_MAPS]               # [B, N, H*d]
+        b, h, n, _ = maps.shape
+        v = v.reshape(b, n, h, -1).transpose(1, 2)                    # [B, H, N, d]
+        return maps, lambda x_hat: float(((x_hat - maps) @ v).pow(2).sum())
+    if not site.output and isinstance(site.module, nn.Linear):
+        rows = values.reshape(-1, values.shape[-1])
+        rows = rows[:: max(1, rows.shape[0] // SEARCH_ROWS)][:SEARCH_ROWS]
+        w = site.module.weight.detach().float()
+        return rows, lambda x_hat: float(((x_hat - rows) @ w.T).pow(2).sum())
+    flat = values.reshape(-1)
+    flat = flat[:: max(1, flat.numel() // SEARCH_VALUES)]
+    return flat, lambda x_hat: float((x_hat - flat).pow(2).sum())

@@ -15,10 +15,15 @@ from logart.calib.hooks import forward_until_seen
 
 @torch.no_grad()
 def propagate(run, inputs: torch.Tensor) -> torch.Tensor:
-    """The block applied to every sample (batch 1: bounded memory, same numerics as evaluation)."""
-    out = torch.empty_like(inputs)
+    """The block applied to every sample (batch 1: bounded memory, same numerics as evaluation). The output may
+    have another shape than the input (a Swin patch merging halves the grid and doubles the width)."""
+    out = None
     for i in range(inputs.shape[0]):
-        out[i] = run(inputs[i:i + 1])[0]
+        y = run(inputs[i:i + 1])[0]
+        if out is None:
+            out = inputs.new_empty((inputs.shape[0], *y.shape)) if y.shape != inputs.shape[1:] \
+                else torch.empty_like(inputs)
+        out[i] = y
     return out
 
 

@@ -39,12 +39,15 @@ class BlockInputs:
 
 @dataclass(frozen=True)
 class ActSite:
-    """An activation the model could quantize: the input of `module` (or, with `output=True`, its output)."""
+    """An activation the model could quantize: the input of `module` (or, with `output=True`, its output, or one
+    slice of it)."""
 
     name: str
     module: nn.Module
     kind: str            # "post-softmax", "post-gelu", "post-layernorm", "matmul", "conv-input", ...
     output: bool = False
+    chunk: tuple[int, int] | None = None   # (i, n): only the i-th of n equal slices of the last dimension (v of qkv)
+    partner: str | None = None             # the site this one is multiplied with (post-softmax: v), for its error
 
 
 @dataclass(eq=False)

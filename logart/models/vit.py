@@ -1,11 +1,14 @@
-"""The adapter for timm Vision Transformers (ViT, DeiT). Minimal: patch embedding, the chained transformer blocks
-and the head as weight sites, and the activation sites of each block.
+"""The adapter for timm Vision Transformers: ViT and DeiT (`model.blocks`) and Swin (`model.layers`: stages of
+a patch merging and window-attention blocks).
 
-    plan   patch embedding (its conv: a one-site block, captured) + `model.blocks` (chained: each block's input
-           is the previous block's output) + the head (captured after the final norm and the pooling)
-    acts   per block: the post-LayerNorm inputs of qkv and fc1, the post-softmax attention (the input of
-           `attn_drop`, which exists once `prepare` switches timm's fused attention off), the post-GELU input of
-           fc2; q and k before their product (outputs of `q_norm` / `k_norm`, identities unless qk-norm is on)
+    plan   patch embedding (its conv: a one-site block, captured), then the chained units in order (each one's
+           input is the previous one's output): the transformer blocks and, in Swin, each stage's patch merging
+           (its `reduction` linear); then the head (`head` or `head.fc`, captured after the final norm and pooling)
+    acts   per transformer block: the post-LayerNorm inputs of qkv and fc1, the attention output (proj's input),
+           the post-GELU input of fc2, the inputs of both attention products: q and k (outputs of `q_norm` /
+           `k_norm`, identities unless qk-norm is on; absent in Swin), v (the last third of qkv's output) and the
+           post-softmax attention (the input of `attn_drop`, reached once `prepare` switches timm's fused
+           attention off)
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ def _act_sites(name: str, block: nn.Module) -> list[ActSite]:
              ActSite(f"{name}.mlp.fc1", mlp.fc1, "post-layernorm"),
              ActSite(f"{name}.mlp.fc2", mlp.fc2, "post-gelu"),
              ActSite(f"{name}.attn.proj", attn.proj, "attention-output")]
-    if hasattr(attn, "attn_drop"):
-        sites.append(ActSite(f"{name}.attn.attn_drop", attn.attn_drop, "post-softmax"))
-    for part in ("q_norm", "k_norm"):
+    for i, part in enumerate(("q_norm", "k_norm")):    # q and k, the inputs of q·kT
         if hasattr(attn, part):
             sites.append(ActSite(f"{name}.attn.{part}", getattr(attn, part), "matmul", output=True))
+        else:   # Swin: no norms, q and k are the first two thirds of qkv's output
+            sites.append(ActSite(f"{name}.attn.{part[0]}", attn.qkv, "matmul", output=True, chunk=(i, 3)))
+    # v, the other input of attention x v: the last third of qkv's output
+    sites.append(ActSite(f"{name}.attn.v", attn.qkv, "matmul", output=True, chunk=(2, 3)))
+    if hasattr(attn, "attn_drop"):
+        sites.append(ActSite(f"{name}.attn.attn_drop", attn.attn_drop, "post-softmax", partner=f"{name}.attn.v"))
     return sites
 
 
@@ -49,18 +56,46 @@ class TimmViT(CalledOnTensors):
                 module.fused_attn = False
 
     def plan(self, model: nn.Module) -> list[Block]:
-        blocks = getattr(model, "blocks", None)
         proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-        if not isinstance(blocks, nn.Sequential) or not isinstance(proj, nn.Conv2d):
-            raise LogartError(f"{type(model).__name__} is not a timm VisionTransformer (no patch_embed.proj conv and "
-                              "blocks).", "pass a timm ViT or DeiT model.")
+        units = _chain(model)
+        if not isinstance(proj, nn.Conv2d) or not units:
+            raise LogartError(f"{type(model).__name__} is not a timm ViT, DeiT or Swin model (no patch_embed.proj "
+                              "conv followed by transformer blocks).", "pass a timm ViT, DeiT or Swin model.")
         plan = [Block("patch_embed.proj", proj, [WeightSite("patch_embed.proj", proj)], chained=False)]
-        for i, block in enumerate(blocks):
-            name = f"blocks.{i}"
-            sites = [WeightSite(f"{name}.{n}", m, _role(n)) for n, m in block.named_modules()
-                     if isinstance(m, nn.Linear)]
-            plan.append(Block(name, block, sites, act_sites=_act_sites(name, block)))
+        for name, unit in units:
+            sites = [WeightSite(f"{name}.{n}", m, _role(n)) for n, m in unit.named_modules() if isinstance(m, nn.Linear)]
+            acts = _act_sites(name, unit) if _is_transformer_block(unit) else []
+            plan.append(Block(name, unit, sites, act_sites=acts))
         head = getattr(model, "head", None)
+        name = "head"
+        if not isinstance(head, nn.Linear):                 # Swin's ClassifierHead: pooling, then .fc
+            head, name = getattr(head, "fc", None), "head.fc"
         if isinstance(head, nn.Linear):
-            plan.append(Block("head", head, [WeightSite("head", head)], chained=False))
+            plan.append(Block(name, head, [WeightSite(name, head)], chained=False))
         return plan
+
+
+def _is_transformer_block(m: nn.Module) -> bool:
+    attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
+    return (isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(mlp, "fc1", None), nn.Linear)
+            and isinstance(getattr(mlp, "fc2", None), nn.Linear))
+
+
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the chained units: `blocks` (ViT, DeiT) or each stage's merging and blocks (Swin)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and all(_is_transformer_block(b) for b in blocks):
+        return [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
+    stages = getattr(model, "layers", None)
+    if not isinstance(stages, nn.Sequential):
+        return []
+    units = []
+    for i, stage in enumerate(stages):
+        merge = getattr(stage, "downsample", None)
+        if isinstance(getattr(merge, "reduction", None), nn.Linear):
+            units.append((f"layers.{i}.downsample", merge))
+        inner = getattr(stage, "blocks", None)
+        if not isinstance(inner, nn.Sequential) or not all(_is_transformer_block(b) for b in inner):
+            return []
+        units += [(f"layers.{i}.blocks.{j}", b) for j, b in enumerate(inner)]
+    return units
