@@ -112,7 +112,8 @@ def evaluate_checkpoint(directory, opts: VisionOptions | None = None, log=print)
 
 
 def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
-    """Quantize a vision model, evaluate it against its fp32 self, save, and append a results row."""
+    """Quantize a vision model, evaluate it against its fp32 self, save, and append a results row; returns the
+    row and the activation quantizers' records (`activations`)."""
     from logart.api import quantize
     from logart.atomic import check_writable
     from logart.eval.classify import logits, scores
@@ -175,4 +176,4 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
                                              activations=result.activations))
     results = results_csv(opts.results, opts.output)
     append_csv(results, row)
-    return row
+    return dict(row, activations=result.activations)

@@ -17,6 +17,7 @@ reconstruction (LSQ: the gradient reaches the step through a straight-through ro
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -147,7 +148,9 @@ class ActivationQuantization:
                 q = AsymActQuantizer(bits)
             else:
                 q = LogActQuantizer(kind, bits, shift=GELU_SHIFT if site.kind == "post-gelu" else 0.0)
+            start = time.perf_counter()
             record = q.fit(sample, error, cfg.search)
+            record["seconds"] = round(time.perf_counter() - start, 4)
             scale = float(error(torch.zeros_like(sample))) or 1.0
             self.records[site.name] = {"site_kind": site.kind, **record, "relative_error": record["score"] / scale}
             self.quantizers[site.name] = q
