@@ -122,6 +122,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--act-search", choices=["fpcs", "brute", "alternating"],
                    help="ViTs: the search of the two-parameter activation quantizers against their layer's output "
                         "(default fpcs, AdaLog's fast progressive combining search)")
+    p.add_argument("--act-reparam", action="store_true", default=None,
+                   help="ViTs: RepQ-style reparameterization of the post-LayerNorm inputs (per-channel ranges folded "
+                        "into the LayerNorm and the next layer, one per-tensor quantizer left)")
     p.add_argument("--weights", help="vision models: a local state_dict file for the architecture")
     p.add_argument("--first-last-bits", type=int, metavar="BITS",
                    help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
@@ -138,7 +141,7 @@ def _recipe_from(args, make=make_recipe):
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
                  "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop", "act_bits", "act_method",
-                 "act_softmax", "act_gelu", "act_softmax_bits", "act_search"):
+                 "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

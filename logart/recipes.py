@@ -193,6 +193,7 @@ class ActivationsConfig:
     gelu: str = "adalog"             # transformer post-GELU sites (shifted by c, fc2's bias reparameterized)
     softmax_bits: int | None = None  # post-softmax bits (None: `bits`)
     search: str = "fpcs"             # two-parameter search of transformer sites: fpcs, brute or alternating
+    reparam: bool = False            # RepQ-style per-channel -> per-tensor reparameterization of post-LN inputs
 
     def __post_init__(self):
         if self.bits is None:
@@ -240,6 +241,7 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         "act_bits": ("activations", "bits"), "act_method": ("activations", "method"), "act_learn": ("activations", "learn"),
         "act_softmax": ("activations", "softmax"), "act_gelu": ("activations", "gelu"),
         "act_softmax_bits": ("activations", "softmax_bits"), "act_search": ("activations", "search"),
+        "act_reparam": ("activations", "reparam"),
         "quantize_lm_head": ("lm", "quantize_lm_head"), "quantize_embeddings": ("lm", "quantize_embeddings")}
 
 

@@ -235,6 +235,9 @@ def test_tiny_vit_w4a4_search_reconstruction_and_packed_reload(tmp_path):
     assert kinds == {"uniform-asym", "adalog"}
     # the search touched the output: quantized activations change the logits, but not beyond recognition
     assert 0 < (quantized - reference).pow(2).mean() < reference.pow(2).mean()
+    from logart.reporting.plots import plot_activations
+    png = plot_activations(result.activations, tmp_path / "activations.png")
+    assert png is not None and png.stat().st_size > 10_000
     config = {"logart_vision": {"model": "fashion-vit", "input_shape": [1, 28, 28], "data": "fashion-mnist",
                                 "options": TINY}}
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -246,3 +249,34 @@ def test_tiny_vit_w4a4_search_reconstruction_and_packed_reload(tmp_path):
     for name, module in packed_layers:
         weight = weights[name]
         torch.testing.assert_close(module.dequantize().reshape(weight.shape), weight)
+
+
+def test_repq_reparameterization_preserves_the_block_and_equalizes_channels():
+    from logart.calib.activations import _capture, _reparameterize
+
+    model = tiny_vit()
+    with torch.no_grad():   # channels of very different ranges, as real post-LayerNorm activations have
+        model.blocks[0].norm1.weight.mul_(torch.logspace(-1, 1, 32))
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    TimmViT().prepare(model)
+    block = TimmViT().plan(model)[1]
+    site = next(a for a in block.act_sites if a.name == "blocks.0.attn.qkv")
+    tokens = model.patch_embed(x)
+    tokens = model._pos_embed(tokens)
+    before = block.module(tokens)
+    seen = _capture(block.module, [site], tokens, norms=[site])
+    spread_before = torch.cat(seen[site.name]).reshape(-1, 32).abs().amax(0)
+    note = _reparameterize(site, seen, 4)
+    assert note.startswith("per-channel")
+    torch.testing.assert_close(block.module(tokens), before, atol=1e-4, rtol=1e-4)
+    spread_after = torch.cat(seen[site.name]).reshape(-1, 32).abs().amax(0)
+    assert spread_after.max() / spread_after.min() < spread_before.max() / spread_before.min()
+
+
+def test_repq_option_runs_and_is_skipped_where_the_input_is_not_the_norm_output():
+    model = tiny_vit()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    result = logart.quantize(model, vision_recipe("logart-fast", bits=4, family="vit", act_bits=4, act_reparam=True),
+                             x, progress=False, log=None, adapter=TimmViT())
+    notes = {n: r.get("reparameterized") for n, r in result.activations.items() if r["site_kind"] == "post-layernorm"}
+    assert len(notes) == 4 and all(v.startswith("per-channel") for v in notes.values())

@@ -60,6 +60,12 @@ class AsymActQuantizer(nn.Module):
         return {"kind": "uniform-asym", "bits": self.bits, "lo": los[i], "hi": his[j], "score": value,
                 "scored": scored}
 
+    def levels(self) -> torch.Tensor:
+        """Every value the quantizer can output."""
+        lo, hi = float(self.lo), float(self.hi)
+        delta = max(hi - lo, 1e-12) / self.maxq
+        return (torch.arange(self.maxq + 1) - round(-lo / delta)) * delta
+
     def extra_repr(self):
         return f"bits={self.bits}, lo={float(self.lo):.4g}, hi={float(self.hi):.4g}"
 
@@ -95,9 +101,30 @@ class LogActQuantizer(nn.Module):
         self.params = params(i, j)
         return {"kind": self.kind, "shift": self.shift, **self.params.to_dict(), "score": value, "scored": scored}
 
+    def levels(self) -> torch.Tensor:
+        """Every value the quantizer can output (the zero code included), on the unshifted axis."""
+        return adalog.level_values(self.params) - self.shift
+
     def extra_repr(self):
         p = self.params
         return f"{self.kind}, bits={self.bits}, scale={p.scale:.4g}, base=2^({p.q}/{p.r}), shift={self.shift}"
+
+
+def histogram(sample: torch.Tensor, quantizer, bins: int = 60) -> dict:
+    """A compact picture of a site for reports: the histogram of its calibration values (log-spaced bins over the
+    shifted positive values for a log quantizer) and the quantizer's levels."""
+    x = sample.reshape(-1).float()
+    if isinstance(quantizer, LogActQuantizer):
+        positive = (x + quantizer.shift)[(x + quantizer.shift) > 0]
+        lo = float(positive.min()) if positive.numel() else 1e-8
+        edges = torch.logspace(torch.log10(torch.tensor(max(lo, 1e-8))), torch.log10(positive.max().clamp(min=2e-8)),
+                               bins + 1) - quantizer.shift
+    else:
+        edges = torch.linspace(float(x.min()), float(x.max()) + 1e-12, bins + 1)
+    counts = torch.histogram(x, edges.float()).hist
+    return {"edges": [round(float(e), 7) for e in edges], "counts": [int(c) for c in counts],
+            "levels": [round(float(v), 7) for v in quantizer.levels()], "log_axis": isinstance(quantizer, LogActQuantizer),
+            "shift": getattr(quantizer, "shift", 0.0)}
 
 
 def reparameterize_bias(linear: nn.Linear, shift: float) -> torch.Tensor:

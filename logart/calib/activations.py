@@ -133,14 +133,16 @@ class ActivationQuantization:
             _install(site, q)   # the hook stays: the quantized model keeps quantizing this input
 
     def _calibrate_transformer(self, run, sites: list, inputs: torch.Tensor) -> None:
-        from logart.calib.act_quantizers import GELU_SHIFT, AsymActQuantizer, LogActQuantizer
+        from logart.calib.act_quantizers import GELU_SHIFT, AsymActQuantizer, LogActQuantizer, histogram
 
-        seen = _capture(run, sites, inputs)
         cfg = self.config
+        reparam = [s for s in sites if cfg.reparam and s.norm is not None]
+        seen = _capture(run, sites, inputs, norms=reparam)
         fitted = []
         for site in sites:
             if not seen[site.name]:
                 continue
+            note = _reparameterize(site, seen, cfg.bits) if site in reparam else None
             sample, error = _objective(site, seen)
             kind = {"post-softmax": cfg.softmax, "post-gelu": cfg.gelu}.get(site.kind, "uniform")
             bits = cfg.softmax_bits if (site.kind == "post-softmax" and cfg.softmax_bits) else cfg.bits
@@ -152,7 +154,10 @@ class ActivationQuantization:
             record = q.fit(sample, error, cfg.search)
             record["seconds"] = round(time.perf_counter() - start, 4)
             scale = float(error(torch.zeros_like(sample))) or 1.0
-            self.records[site.name] = {"site_kind": site.kind, **record, "relative_error": record["score"] / scale}
+            self.records[site.name] = {"site_kind": site.kind, **record, "relative_error": record["score"] / scale,
+                                       "histogram": histogram(sample, q)}
+            if note is not None:
+                self.records[site.name]["reparameterized"] = note
             self.quantizers[site.name] = q
             fitted.append((site, q))
         for site, q in fitted:   # installed together: every site was fitted on the block's unquantized flow
@@ -193,10 +198,15 @@ def _install(site, q: nn.Module) -> None:
         site.module.register_forward_hook(hook)
 
 
-def _capture(run, sites: list, inputs: torch.Tensor) -> dict[str, list]:
-    """Every site's tensor over the calibration inputs, batch by batch, on the block as it is."""
+def _capture(run, sites: list, inputs: torch.Tensor, norms: list = ()) -> dict[str, list]:
+    """Every site's tensor over the calibration inputs, batch by batch, on the block as it is; for the sites of
+    `norms` also their LayerNorm's output (under "<site>#norm": the reparameterization checks they are one)."""
     seen: dict[str, list] = {s.name: [] for s in sites}
     handles = []
+    for site in norms:
+        seen[site.name + "#norm"] = []
+        handles.append(site.norm.register_forward_hook(
+            lambda _m, _a, out, s=site: seen[s.name + "#norm"].append(out.detach().float())))
     for site in sites:
         if not site.output:
             handles.append(site.module.register_forward_pre_hook(
@@ -212,6 +222,40 @@ def _capture(run, sites: list, inputs: torch.Tensor) -> dict[str, list]:
         for h in handles:
             h.remove()
     return seen
+
+
+@torch.no_grad()
+def _reparameterize(site, seen: dict, bits: int) -> str:
+    """RepQ-ViT's scale reparameterization of a post-LayerNorm input: the per-channel asymmetric ranges of the
+    LayerNorm output y (scale s_c, zero point z_c from each channel's min / max) become one per-tensor range
+    (s = mean s_c, z = round(mean z_c)) by the exact rewrite y' = y / r + t, r = s_c / s, t = s (z_c - z):
+    the LayerNorm's γ, β turn into γ / r, β / r + t and the consumer's W, b into W diag(r), b - W diag(r) t, so
+    the network computes the same function and a per-tensor quantizer of y' is the per-channel one of y. The
+    weights absorb the channel spread (they are quantized afterwards). Skipped (the reason is returned) when the
+    site's input is not exactly its LayerNorm's output (a Swin window partition, a post-norm block)."""
+    y, normed = seen[site.name], seen.pop(site.name + "#norm")
+    if len(y) != len(normed) or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(y, normed)):
+        return "skipped: the input is not the LayerNorm's output itself"
+    channels = y[0].shape[-1]
+    flat = torch.cat([t.reshape(-1, channels) for t in y])
+    lo, hi = flat.min(0).values.clamp(max=0), flat.max(0).values.clamp(min=0)
+    s_c = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-8)
+    z_c = torch.round(-lo / s_c)
+    s, z = s_c.mean(), torch.round(z_c.mean())
+    r, t = s_c / s, s * (z_c - z)
+    norm, linear = site.norm, site.module
+    norm.weight.data = (norm.weight.data.float() / r).to(norm.weight.dtype)
+    norm.bias.data = (norm.bias.data.float() / r + t).to(norm.bias.dtype)
+    w = linear.weight.data.float() * r
+    b = linear.bias.data.float() if linear.bias is not None else torch.zeros(w.shape[0])
+    linear.weight.data = w.to(linear.weight.dtype)
+    new_bias = (b - w @ t).to(linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(new_bias)
+    else:
+        linear.bias.data = new_bias
+    seen[site.name] = [v / r + t for v in y]
+    return f"per-channel ranges folded into one (scale spread max/min {float(r.max() / r.min()):.3g})"
 
 
 def _objective(site, seen: dict) -> tuple[torch.Tensor, object]:

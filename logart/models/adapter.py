@@ -48,6 +48,8 @@ class ActSite:
     output: bool = False
     chunk: tuple[int, int] | None = None   # (i, n): only the i-th of n equal slices of the last dimension (v of qkv)
     partner: str | None = None             # the site this one is multiplied with (post-softmax: v), for its error
+    norm: nn.Module | None = None          # the LayerNorm whose output this input is, when nothing else reads it
+                                           # (pre-LN blocks): what a per-channel reparameterization may rescale
 
 
 @dataclass(eq=False)

@@ -29,8 +29,10 @@ def _role(name: str) -> str:
 
 def _act_sites(name: str, block: nn.Module) -> list[ActSite]:
     attn, mlp = block.attn, block.mlp
-    sites = [ActSite(f"{name}.attn.qkv", attn.qkv, "post-layernorm"),
-             ActSite(f"{name}.mlp.fc1", mlp.fc1, "post-layernorm"),
+    norm1, norm2 = (getattr(block, n, None) for n in ("norm1", "norm2"))
+    norm1, norm2 = (n if isinstance(n, nn.LayerNorm) and n.elementwise_affine else None for n in (norm1, norm2))
+    sites = [ActSite(f"{name}.attn.qkv", attn.qkv, "post-layernorm", norm=norm1),
+             ActSite(f"{name}.mlp.fc1", mlp.fc1, "post-layernorm", norm=norm2),
              ActSite(f"{name}.mlp.fc2", mlp.fc2, "post-gelu"),
              ActSite(f"{name}.attn.proj", attn.proj, "attention-output")]
     for i, part in enumerate(("q_norm", "k_norm")):    # q and k, the inputs of q·kT

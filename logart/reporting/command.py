@@ -119,6 +119,10 @@ def make_report(folder, layers=(), out=None, model: str | None = None, row: int 
         notes.append("k and s are choices of log codebooks; this run used a uniform codebook.")
     elif not s_by_layer:
         notes.append("no quant_params.safetensors in the run folder, so the s distribution is not drawn.")
+    acts = run.report.get("activations") or {}
+    if acts:
+        report.figures["activation histograms and quantizer levels"] = plots.plot_activations(
+            acts, out / "activations.png")
     sizes = measure(run)
     if sizes is not None:
         report.effective_bits = sizes.effective_bits

@@ -4,6 +4,7 @@
     k_distribution.png    the chosen base split k across rows: overall and per layer type
     s_distribution.png    the chosen scale multiplier s across rows, stacked by layer type
     codebook_<layer>.png  one row's weights with all 2^n codebook levels of that row drawn over them
+    activations.png       transformer activation sites: histograms with their quantizer's levels over them
 """
 
 from __future__ import annotations
@@ -282,4 +283,41 @@ def plot_row(view: RowView, path: Path) -> Path:
     fig.suptitle(f"{view.layer}: row {view.row} of {view.rows} ({view.where}), all {len(levels)} levels of its "
                  f"{view.bits}-bit codebook\n{_row_subtitle(view)}\n{source}")
     fig.legend(*top.get_legend_handles_labels(), loc="outside lower center", ncols=3)
+    return _save(fig, path)
+
+
+ACT_KINDS = ("post-softmax", "post-gelu", "post-layernorm", "matmul", "attention-output")
+
+
+@_styled
+def plot_activations(records: dict, path: Path, per_kind: int = 2) -> Path | None:
+    """Activation histograms with the chosen quantizer's levels drawn over them: for each kind of site, its
+    first and last site of the run (records from calib/activations.py with a `histogram`)."""
+    chosen = []
+    for kind in ACT_KINDS:
+        names = [n for n, r in records.items() if r.get("site_kind") == kind and "histogram" in r]
+        chosen += [(n, records[n]) for n in dict.fromkeys([*names[:1], *names[-1:]][:per_kind])]
+    if not chosen:
+        return None
+    cols = 2
+    rows = math.ceil(len(chosen) / cols)
+    fig = _figure(11, 2.6 * rows)
+    for i, (name, rec) in enumerate(chosen):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        h = rec["histogram"]
+        edges, counts = np.array(h["edges"]), np.array(h["counts"], dtype=float)
+        shift = h.get("shift", 0.0)
+        axis = edges + shift if h["log_axis"] else edges
+        ax.stairs(counts, axis, fill=True, color="#9ecae1", label="calibration values")
+        levels = np.array(h["levels"]) + (shift if h["log_axis"] else 0.0)
+        for v in levels[(levels >= axis[0]) & (levels <= axis[-1])] if h["log_axis"] else levels:
+            ax.axvline(v, color="#d62728", lw=0.8, alpha=0.8)
+        if h["log_axis"]:
+            ax.set_xscale("log")
+        ax.set_yscale("log")
+        what = rec["kind"] + (f", base 2^({rec['q']}/{rec['r']})" if rec["kind"] == "adalog" else "")
+        shifted = f" (x + {shift:g})" if h["log_axis"] and shift else ""
+        ax.set_title(f"{name}: {rec['site_kind']}{shifted}\n{what}, {rec['bits']} bits", fontsize=9.5)
+        ax.set_ylabel("count")
+    fig.suptitle("activations and the quantizer levels (red lines)")
     return _save(fig, path)
