@@ -19,6 +19,7 @@ class QuantizationResult:
     layers: list[LayerRecord] = field(default_factory=list)
     params: dict = field(default_factory=dict)   # module name -> (codebook, params): what save_quantized packs
     activations: dict = field(default_factory=dict)   # site name -> its activation quantizer (calib/activations.py)
+    activation_quantizers: dict = field(default_factory=dict)   # what a checkpoint stores to reinstall them
     seconds: float = 0.0
 
     def k_histogram(self) -> dict:
@@ -75,6 +76,10 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     layers, params = quantize_blocks(model, adapter, recipe, calib, progress=progress, log=log, state=state,
                                      streamer=streamer, reconstruct=reconstruction, on_block_done=on_block_done,
                                      activations=activations)
+    saved = {}
+    if activations is not None:
+        from logart.calib.activations import saved_quantizers
+        saved = saved_quantizers(model, activations)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0,
-                              activations=activations.finish() if activations else {})
+                              activations=activations.finish() if activations else {}, activation_quantizers=saved)

@@ -67,8 +67,10 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "iteration, forward and backward through a block on one 2048-token window, takes about 0.3 s "
                         "on 2 cores)")
     p.add_argument("--recon-iters", type=int, help="block reconstruction iterations per block (default 200)")
-    p.add_argument("--recon-loss", choices=["mse", "nlc"],
-                   help="block output loss: mse (BRECQ, default) or nlc (negative log cosine similarity, LRQuant)")
+    p.add_argument("--recon-loss", choices=["mse", "nlc", "hessian"],
+                   help="block output loss: mse (BRECQ, default), nlc (negative log cosine similarity, LRQuant) or "
+                        "hessian (vision models: the output MSE weighted by the perturbation Hessian of the "
+                        "network's prediction, the original ViT pipeline's)")
     p.add_argument("--recon-forward", choices=["hard", "soft"],
                    help="hard (default): the block trains on the hard rounding choices, gradients through the soft "
                         "path (straight-through); soft: BRECQ's soft weights with an annealed regulariser")

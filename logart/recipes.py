@@ -165,7 +165,8 @@ class ReconstructionConfig:
 
     kind: str = "none"               # "block": learn the rounding of each block's weights together
     iters: int = 200
-    loss: str = "mse"                # "mse" (BRECQ) or "nlc" (negative log cosine similarity, LRQuant)
+    loss: str = "mse"                # "mse" (BRECQ), "nlc" (negative log cosine, LRQuant) or "hessian"
+                                     # (the perturbation-Hessian-weighted MSE of the original ViT pipeline)
     qdrop: float = 0.0               # QDrop: probability that a reconstruction input element is full precision
     forward: str = "hard"            # "hard": straight-through on the hard choices; "soft": BRECQ's relaxation
     batch: int = 1                   # samples per step (the original CNN pipeline: 32)
@@ -176,7 +177,7 @@ class ReconstructionConfig:
     def __post_init__(self):
         _choice(self.kind, RECONSTRUCTIONS, "reconstruction", "")
         _choice(self.forward, ("hard", "soft"), "reconstruction forward", "use hard or soft.")
-        _choice(self.loss, ("mse", "nlc"), "reconstruction loss", "use mse or nlc.")
+        _choice(self.loss, ("mse", "nlc", "hessian"), "reconstruction loss", "use mse, nlc or hessian.")
         if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0 or self.batch < 1 or not self.lr > 0:
             raise LogartError(f"invalid block reconstruction settings ({self.iters} iterations, QDrop {self.qdrop}).",
                               "use iterations >= 1 and QDrop in [0, 1].")

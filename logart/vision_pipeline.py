@@ -165,11 +165,9 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         from logart.models.vision import checkpoint_config
 
         out = Path(opts.output)
-        if recipe.activations.bits is not None:   # the packed format holds weights only (so far)
-            log("note: the checkpoint holds the packed weights; the activation steps are in report.json")
         if recipe.codebook.mode == "strict":
             save_quantized(vm.model, out, result.params, recipe, overwrite=opts.overwrite,
-                           config=checkpoint_config(vm, x_calib.shape[1:]))
+                           config=checkpoint_config(vm, x_calib.shape[1:], result.activation_quantizers))
             row["checkpoint_mb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2 ** 20, 3)
             log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
         write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers],

@@ -169,7 +169,8 @@ def test_metrics():
 
 
 def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
-    """Conv weights pack like linear ones (LogConv2d); the reloaded network gives the same logits."""
+    """Conv weights pack like linear ones (LogConv2d), activation quantizers are stored beside them; the reloaded
+    network gives the same logits."""
     from logart.io.checkpoint import load_quantized, save_quantized
     from logart.io.conv import LogConv2d
     from logart.models.vision import VisionModel, checkpoint_config
@@ -179,12 +180,13 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
     torch.manual_seed(0)
     model = mobilenet_v2(width_mult=0.25).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    result = logart.quantize(model, vision_recipe("logart-fast", bits=3), x, progress=False, log=None,
+    result = logart.quantize(model, vision_recipe("logart-fast", bits=3, act_bits=4), x, progress=False, log=None,
                              adapter=CNN(example=x[:2]))
     with torch.no_grad():
         expected = model(x)
     vm = VisionModel("mobilenetv2", model, None, "imagenet-photos")
-    config = checkpoint_config(vm, x.shape[1:])
+    config = checkpoint_config(vm, x.shape[1:], result.activation_quantizers)   # W3A4: the steps are stored too
+    assert len(config["logart_vision"]["activations"]) == len(result.activations) > 10
     config["logart_vision"]["options"] = {"width_mult": 0.25}
     save_quantized(model, tmp_path / "ck", result.params, result.recipe, config=config)
     assert isinstance(model.features[1].conv[0][0], LogConv2d)   # packed in place

@@ -239,11 +239,13 @@ def test_tiny_vit_w4a4_search_reconstruction_and_packed_reload(tmp_path):
     png = plot_activations(result.activations, tmp_path / "activations.png")
     assert png is not None and png.stat().st_size > 10_000
     config = {"logart_vision": {"model": "fashion-vit", "input_shape": [1, 28, 28], "data": "fashion-mnist",
-                                "options": TINY}}
+                                "options": TINY, "activations": result.activation_quantizers}}
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     save_quantized(model, tmp_path / "q", result.params, recipe, config=config)
     packed, _ = load_quantized(tmp_path / "q")
-    # the packed weights hold exactly the quantized weights (activations are quantized by the live hooks only)
+    # the reloaded checkpoint quantizes the same activations with the same quantizers: the same logits
+    torch.testing.assert_close(packed(x), quantized, atol=1e-4, rtol=1e-4)
+    # the packed weights hold exactly the quantized weights
     packed_layers = [(n, m) for n, m in packed.named_modules() if hasattr(m, "dequantize")]
     assert len(packed_layers) == 1 + 2 * 4 + 1          # patch embedding, 4 linears per block, head
     for name, module in packed_layers:
@@ -280,3 +282,25 @@ def test_repq_option_runs_and_is_skipped_where_the_input_is_not_the_norm_output(
                              x, progress=False, log=None, adapter=TimmViT())
     notes = {n: r.get("reparameterized") for n, r in result.activations.items() if r["site_kind"] == "post-layernorm"}
     assert len(notes) == 4 and all(v.startswith("per-channel") for v in notes.values())
+
+
+def test_perturbation_hessian_sees_only_what_reaches_the_prediction():
+    """After the last block a ViT reads only the class token: the other tokens' weights are zero."""
+    from logart.calib.perturbation import perturbation_weights
+
+    model = tiny_vit()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    w = perturbation_weights(model, model.blocks[-1], x, batch=4)
+    assert w.shape == (1, 50, 32) and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert (w[:, 1:] == 0).all() and (w[:, 0] > 0).any()
+    assert (perturbation_weights(model, model.blocks[0], x)[:, 1:] > 0).any()   # earlier, every token matters
+
+
+def test_hessian_reconstruction_loss_runs_on_a_vit():
+    model = tiny_vit()
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    recipe = vision_recipe("logart", bits=3, family="vit", recon_iters=4, recon_batch=8, recon_loss="hessian")
+    result = logart.quantize(model, recipe, x, progress=False, log=None, adapter=TimmViT())
+    info = [r.extra["reconstruct"] for r in result.layers if "reconstruct" in r.extra]
+    assert info and all(i["config"]["loss"] == "hessian" for i in info)
+    assert torch.isfinite(model(x)).all()

@@ -60,6 +60,9 @@ class AsymActQuantizer(nn.Module):
         return {"kind": "uniform-asym", "bits": self.bits, "lo": los[i], "hi": his[j], "score": value,
                 "scored": scored}
 
+    def to_config(self) -> dict:
+        return {"type": "uniform-asym", "bits": self.bits, "lo": float(self.lo), "hi": float(self.hi)}
+
     def levels(self) -> torch.Tensor:
         """Every value the quantizer can output."""
         lo, hi = float(self.lo), float(self.hi)
@@ -101,6 +104,11 @@ class LogActQuantizer(nn.Module):
         self.params = params(i, j)
         return {"kind": self.kind, "shift": self.shift, **self.params.to_dict(), "score": value, "scored": scored}
 
+    def to_config(self) -> dict:
+        p = self.params
+        return {"type": "log", "kind": self.kind, "bits": self.bits, "shift": self.shift, "scale": p.scale,
+                "q": p.q, "r": p.r, "mantissa_bits": p.mantissa_bits}
+
     def levels(self) -> torch.Tensor:
         """Every value the quantizer can output (the zero code included), on the unshifted axis."""
         return adalog.level_values(self.params) - self.shift
@@ -108,6 +116,21 @@ class LogActQuantizer(nn.Module):
     def extra_repr(self):
         p = self.params
         return f"{self.kind}, bits={self.bits}, scale={p.scale:.4g}, base=2^({p.q}/{p.r}), shift={self.shift}"
+
+
+def from_config(cfg: dict) -> nn.Module:
+    """The quantizer a `to_config()` dict describes (a packed checkpoint's activation quantizers)."""
+    if cfg["type"] == "uniform-asym":
+        q = AsymActQuantizer(int(cfg["bits"]))
+        q.lo.fill_(float(cfg["lo"]))
+        q.hi.fill_(float(cfg["hi"]))
+        return q
+    if cfg["type"] == "log":
+        q = LogActQuantizer(cfg["kind"], int(cfg["bits"]), float(cfg["shift"]))
+        q.params = adalog.LogActParams(float(cfg["scale"]), int(cfg["q"]), int(cfg["r"]), int(cfg["bits"]),
+                                       int(cfg["mantissa_bits"]))
+        return q
+    raise ValueError(f"unknown activation quantizer type {cfg.get('type')!r}")
 
 
 def histogram(sample: torch.Tensor, quantizer, bins: int = 60) -> dict:

@@ -69,6 +69,9 @@ class UniformActQuantizer(nn.Module):
             self.step.fill_(float(steps[int(errors.argmin())]))
         return float((self(values) - values).pow(2).sum() / values.pow(2).sum().clamp(min=1e-30))
 
+    def to_config(self) -> dict:
+        return {"type": "uniform-step", "bits": self.bits, "signed": self.signed, "step": float(self.step.abs())}
+
     def _grid(self, x: torch.Tensor, step) -> torch.Tensor:
         return torch.clamp(torch.round(x / step), self.qmin, self.qmax) * step
 
@@ -101,6 +104,7 @@ class ActivationQuantization:
         self.config = config
         self.quantizers: dict[str, nn.Module] = {}
         self.records: dict[str, dict] = {}
+        self.sites: dict = {}
         self._first = True
 
     @torch.no_grad()
@@ -128,6 +132,7 @@ class ActivationQuantization:
             q = UniformActQuantizer(self.config.bits, signed=bool((values < 0).any()))
             error = q.fit(_sample(values), self.config.method)
             self.quantizers[name] = q
+            self.sites[name] = site
             self.records[name] = {"bits": q.bits, "signed": q.signed, "step_searched": float(q.step),
                                   "relative_mse": error}
             _install(site, q)   # the hook stays: the quantized model keeps quantizing this input
@@ -159,6 +164,7 @@ class ActivationQuantization:
             if note is not None:
                 self.records[site.name]["reparameterized"] = note
             self.quantizers[site.name] = q
+            self.sites[site.name] = site
             fitted.append((site, q))
         for site, q in fitted:   # installed together: every site was fitted on the block's unquantized flow
             _install(site, q)
@@ -177,6 +183,30 @@ class ActivationQuantization:
             if isinstance(q, UniformActQuantizer):
                 self.records[name]["step"] = float(q.step.detach().abs())
         return self.records
+
+
+def saved_quantizers(model: nn.Module, activations: ActivationQuantization) -> dict:
+    """{site: {module (its name in `model`), output, chunk, quantizer}}: what a packed checkpoint stores so that
+    `install_saved` puts the same quantizers back on the reloaded model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {name: {"module": names[id(site.module)], "kind": site.kind, "output": site.output,
+                   "chunk": list(site.chunk) if site.chunk else None, "quantizer": q.to_config()}
+            for name, q in activations.quantizers.items() if (site := activations.sites.get(name)) is not None}
+
+
+def install_saved(model: nn.Module, saved: dict) -> None:
+    """Install the activation quantizers `saved_quantizers` described on `model`."""
+    from logart.calib.act_quantizers import from_config
+    from logart.models.adapter import ActSite
+
+    for name, entry in saved.items():
+        cfg = entry["quantizer"]
+        if cfg["type"] == "uniform-step":
+            q = UniformActQuantizer(int(cfg["bits"]), bool(cfg["signed"]), float(cfg["step"]))
+        else:
+            q = from_config(cfg)
+        chunk = tuple(entry["chunk"]) if entry.get("chunk") else None
+        _install(ActSite(name, model.get_submodule(entry["module"]), entry["kind"], bool(entry["output"]), chunk), q)
 
 
 def _slice(site, out: torch.Tensor) -> torch.Tensor:

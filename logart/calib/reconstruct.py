@@ -21,6 +21,9 @@ feeds the block, or with QDrop (`qdrop = p`) each element is the full-precision 
     loss "mse"  Σ (y_q - y_fp)² per sample (BRECQ's), averaged over the batch
     loss "nlc"  -log cos(y_q, y_fp) per sample (LRQuant's negative log of the cosine similarity), scaled by the
                 number of output elements of one sample so that λ weighs it as it weighs the MSE
+    loss "hessian"  Σ w (y_q - y_fp)² with w the block output's perturbation Hessian in the full-precision
+                network (calib/perturbation.py; APHQ-ViT, the original ViT pipeline's loss); needs an adapter
+                whose driver keeps a full-precision copy of the network (CNNs, ViTs)
 
 Adam on V, cosine learning rate, β from 20 to 2 after a warm-up without the regulariser (the original's CNN
 settings, scaled down by `iters`). The learned hard rounding is kept only if it lowers the block's output error
@@ -43,7 +46,7 @@ from logart.rounding.learned import LLRConfig
 from logart.rounding.soft import AnnealSchedule, SoftRounding
 from logart.rounding.tables import LayerTables, weight_matrix
 
-LOSSES = ("mse", "nlc")
+LOSSES = ("mse", "nlc", "hessian")
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,12 @@ class ReconstructConfig(AnnealSchedule):
         return asdict(self)
 
 
-def output_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample loss, averaged over the batch (first dimension)."""
+def output_loss(y: torch.Tensor, target: torch.Tensor, kind: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss, averaged over the batch (first dimension). `weights` (broadcast over the batch): the
+    per-element weights of the "hessian" loss."""
     diff = (y - target).flatten(1)
+    if kind == "hessian":
+        return (diff.pow(2) * weights.flatten(1)).sum(1).mean()
     if kind == "mse":
         return diff.pow(2).sum(1).mean()
     cos = nn.functional.cosine_similarity(y.flatten(1), target.flatten(1), dim=1, eps=1e-12)
@@ -99,6 +105,7 @@ class BlockReconstruction:
 
     def __init__(self, config: ReconstructConfig = ReconstructConfig(), steps=None, progress: bool = True):
         self.config, self.steps, self.progress = config, steps, progress
+        self.weights = None    # the current block's perturbation Hessian ("hessian" loss)
 
     def _soft_weights(self, driver, block, chosen, fp_module) -> dict:
         """{parameter name inside the block: (site, SoftRounding)} for every learned-rounded site, each bracket
@@ -123,8 +130,9 @@ class BlockReconstruction:
 
     @torch.no_grad()
     def _error(self, call, inputs, targets) -> float:
-        """Σ over samples of the per-sample output MSE (in batches of `batch` samples)."""
-        return sum(float(output_loss(call(inputs[c]), targets[c], "mse")) * (c.stop - c.start)
+        """Σ over samples of the per-sample output MSE, Hessian-weighted with that loss (in batches)."""
+        kind = "hessian" if self.weights is not None else "mse"
+        return sum(float(output_loss(call(inputs[c]), targets[c], kind, self.weights)) * (c.stop - c.start)
                    for c in self._chunks(inputs.shape[0]))
 
     def __call__(self, driver, block, chosen, inputs, kwargs, fp_inputs, fp_module) -> None:
@@ -137,6 +145,14 @@ class BlockReconstruction:
         softs = self._soft_weights(driver, block, chosen, fp_module)
         if not softs:
             return
+        self.weights = None
+        if cfg.loss == "hessian":
+            if driver.fp_model is None or not torch.is_tensor(driver.data):
+                raise LogartError("the hessian reconstruction loss needs the full-precision network beside the "
+                                  "quantized one (vision models).", "use --recon-loss mse for this model.")
+            from logart.calib.perturbation import perturbation_weights
+            self.weights = perturbation_weights(driver.fp_model, driver.fp_model.get_submodule(block.name),
+                                                driver.data)
         layerwise = {key: site.weight.detach().clone() for key, (site, _, _) in softs.items()}
         before = self._error(call, inputs, targets)
         self._train(call, softs, inputs, x_fp, targets, block)
@@ -187,7 +203,7 @@ class BlockReconstruction:
             weights = {key: self._weight(sr, tables)[:, :site.columns].reshape(site.weight.shape)
                        for key, (site, sr, tables) in softs.items()}
             y = torch.func.functional_call(call, weights, (x,))
-            loss = output_loss(y, targets[idx], cfg.loss)
+            loss = output_loss(y, targets[idx], cfg.loss, self.weights)
             beta = cfg.beta(it)
             if beta is not None:
                 loss = loss + cfg.reg_weight * sum(sr.regulariser(beta) for _, sr, _ in softs.values())

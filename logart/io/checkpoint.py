@@ -56,7 +56,11 @@ def pack_model(model, layers: dict) -> list[str]:
     for name, (codebook, params) in layers.items():
         module = _module(model, name)
         if not isinstance(module, LogLinear):
-            _set_module(model, name, packed_class(module).from_linear(module, codebook, params))
+            packed = packed_class(module).from_linear(module, codebook, params)
+            # an activation quantizer hooked on the float layer stays on the packed one (W4A4 keeps running)
+            packed._forward_pre_hooks.update(module._forward_pre_hooks)
+            packed._forward_hooks.update(module._forward_hooks)
+            _set_module(model, name, packed)
     return sorted(layers)
 
 
@@ -277,6 +281,19 @@ def _check_table_indices(model) -> None:
                                   f"{m.tables.shape[0]}.", "the checkpoint is damaged; re-export it.")
 
 
+def _install_activations(model, saved) -> None:
+    """The activation quantizers a W?A? vision checkpoint stores (config.json logart_vision.activations)."""
+    from logart.calib.activations import install_saved
+
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError("not a mapping")
+        install_saved(model, saved)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise LogartError(f"config.json: the activation quantizers cannot be installed ({type(e).__name__}: "
+                          f"{str(e)[:120]}).", "the checkpoint is damaged; re-export it.") from e
+
+
 def build_skeleton(config: dict):
     """The model's architecture without weights (meta device), its quantized linears replaced by empty
     `LogLinear` shells of the right shapes."""
@@ -335,6 +352,9 @@ def _load_quantized(directory: Path, device: str):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     check_loaded(model, found, meta, expected)
+    saved_acts = (config.get("logart_vision") or {}).get("activations")
+    if saved_acts:
+        _install_activations(model, saved_acts)
     model.to(device).eval()
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():

@@ -103,12 +103,16 @@ def architecture(name: str, options: dict | None = None) -> nn.Module:
                       f"this logart knows {', '.join(VISION_MODELS)}; re-export the checkpoint.")
 
 
-def checkpoint_config(vm: "VisionModel", input_shape) -> dict:
-    """What `save_quantized` writes to rebuild the network (`vision_skeleton`)."""
+def checkpoint_config(vm: "VisionModel", input_shape, activations: dict | None = None) -> dict:
+    """What `save_quantized` writes to rebuild the network (`vision_skeleton`) and, with `activations`
+    (calib/activations.py saved_quantizers), its activation quantizers."""
     from dataclasses import asdict
 
-    return {"logart_vision": {"model": vm.name, "input_shape": list(input_shape), "data": vm.data,
-                              "preprocess": asdict(vm.preprocess) if vm.preprocess else None}}
+    info = {"model": vm.name, "input_shape": list(input_shape), "data": vm.data,
+            "preprocess": asdict(vm.preprocess) if vm.preprocess else None}
+    if activations:
+        info["activations"] = activations
+    return {"logart_vision": info}
 
 
 def vision_skeleton(info: dict) -> nn.Module:
@@ -123,8 +127,12 @@ def vision_skeleton(info: dict) -> nn.Module:
     except TypeError as e:
         raise LogartError(f"config.json: logart_vision options {info.get('options')} do not fit {info['model']} ({e}).",
                           "the checkpoint is damaged; re-export it.") from e
-    with torch.no_grad():
-        fold_batchnorm(model, torch.zeros(1, *info["input_shape"]))
+    if family_of(info["model"]) == "vit":
+        from logart.models.vit import TimmViT
+        TimmViT().prepare(model)    # the explicit attention path, whose post-softmax tensor quantizers hook
+    else:
+        with torch.no_grad():
+            fold_batchnorm(model, torch.zeros(1, *info["input_shape"]))
     return model
 
 

@@ -51,6 +51,7 @@ def _act_sites(name: str, block: nn.Module) -> list[ActSite]:
 class TimmViT(CalledOnTensors):
     batch_size: int = 32
     family: str = "vit"
+    captures_fp: bool = True   # reconstruction targets (and perturbation Hessians) from a full-precision copy
 
     def prepare(self, model: nn.Module) -> None:
         for module in model.modules():
