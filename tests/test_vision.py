@@ -2,7 +2,6 @@
 models, activation fusion, data readers, metrics, and one tiny run through the whole pipeline."""
 
 import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -123,16 +122,10 @@ def test_first_and_last_layers_can_keep_8_bits():
     assert r.for_module("body.0").codebook.bits == 3
 
 
-def _idx(path, array: np.ndarray):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_reader(tmp_path, monkeypatch):
+def test_fashion_mnist_reader(tmp_path, monkeypatch, write_idx):
     images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
-    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
-    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 9]))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 9]))
     monkeypatch.setenv("LOGART_FASHION_MNIST", str(tmp_path))
     x, y = fashion_mnist("test")
     assert x.shape == (3, 28, 28) and torch.equal(x, torch.from_numpy(images.astype(np.uint8)))
@@ -212,27 +205,14 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
         cfg_path.write_text(json.dumps(config, default=str))
 
 
-def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, monkeypatch, capsys):
+def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, synthetic_fashion, capsys):
     """`logart quantize --model fashion-resnet` end to end on synthetic Fashion-MNIST files (an untrained,
     cached network: the path, not the accuracy), then `logart eval` on the packed checkpoint."""
     import json
 
-    from safetensors.torch import save_file
-
     from logart.cli import main
-    from logart.models import fashion
 
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 40)):
-        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    monkeypatch.setenv("LOGART_FASHION_MNIST", str(tmp_path))
-    monkeypatch.setenv("LOGART_CACHE", str(tmp_path / "cache"))
-    stem = tmp_path / "cache" / "fashion" / f"fashion-resnet-{fashion._key('fashion-resnet', fashion.TrainConfig())}"
-    stem.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    save_file(fashion.FashionResNet().state_dict(), stem.with_suffix(".safetensors"))
-    stem.with_suffix(".json").write_text(json.dumps({"accuracy": 10.0}))
+    synthetic_fashion("fashion-resnet")
     out = tmp_path / "q"
     argv = ["quantize", "--model", "fashion-resnet", "--bits", "4", "--recipe", "logart", "--recon-iters", "5",
             "--nsamples", "32", "--output", str(out), "--quiet"]

@@ -304,3 +304,37 @@ def test_hessian_reconstruction_loss_runs_on_a_vit():
     info = [r.extra["reconstruct"] for r in result.layers if "reconstruct" in r.extra]
     assert info and all(i["config"]["loss"] == "hessian" for i in info)
     assert torch.isfinite(model(x)).all()
+
+
+def test_bad_activation_options_are_one_clear_error():
+    import pytest
+
+    from logart.errors import LogartError
+
+    for options, message in (({"act_search": "random"}, "activation search"),
+                             ({"act_softmax": "log3"}, "post-softmax quantizer"),
+                             ({"act_gelu": "cubic"}, "post-GELU quantizer"),
+                             ({"act_softmax_bits": 1}, "post-softmax bits")):
+        with pytest.raises(LogartError, match=message):
+            logart.make_recipe("logart-fast", bits=4, act_bits=4, **options)
+
+
+def test_cli_quantizes_a_vit_w4a4_and_reloads_it(tmp_path, synthetic_fashion, capsys):
+    """`logart quantize --model fashion-vit --act-bits 4` end to end on synthetic Fashion-MNIST files and an
+    untrained cached ViT (the path, not the accuracy), `logart eval` on the packed W4A4 checkpoint, and the report
+    with its activation histograms."""
+    import json
+
+    from logart.cli import main
+
+    synthetic_fashion("fashion-vit")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "fashion-vit", "--bits", "4", "--act-bits", "4", "--recipe", "logart-fast",
+                 "--nsamples", "16", "--output", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["activations"]["softmax"] == "adalog" and len(report["activations"]) == 4 * 8
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert f"top1 {report['top1']}" in capsys.readouterr().out   # the reloaded W4A4 model scores the same
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "activations.png").is_file()
