@@ -78,7 +78,8 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
                                      activations=activations)
     saved = {}
     if activations is not None:
-        from logart.calib.activations import saved_quantizers
+        from logart.calib.activations import fold_shifts, saved_quantizers
+        fold_shifts(activations)   # the weights are final: post-GELU shifts go into fc2's bias (AdaLog eq. 15)
         saved = saved_quantizers(model, activations)
     return QuantizationResult(model=model, recipe=recipe, layers=layers, params=params,
                               seconds=time.perf_counter() - t0,

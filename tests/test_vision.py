@@ -194,7 +194,10 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
     cfg_path = tmp_path / "ck" / "config.json"
     for edit, message in ((lambda c: c["logart_vision"].update(model="vgg-99"), "unknown vision model"),
                           (lambda c: c["logart_vision"].update(options={"width": 3}), "do not fit"),
-                          (lambda c: c["logart_vision"].pop("input_shape"), "input_shape")):
+                          (lambda c: c["logart_vision"].pop("input_shape"), "input_shape"),
+                          (lambda c: c["logart_vision"].update(activations={"a": {"module": "nope"}}),
+                           "activation quantizers"),
+                          (lambda c: c["logart_vision"].update(activations=[1]), "activation quantizers")):
         cfg = json.loads(cfg_path.read_text())
         edit(cfg)
         cfg_path.write_text(json.dumps(cfg))

@@ -338,3 +338,25 @@ def test_cli_quantizes_a_vit_w4a4_and_reloads_it(tmp_path, synthetic_fashion, ca
     assert f"top1 {report['top1']}" in capsys.readouterr().out   # the reloaded W4A4 model scores the same
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "activations.png").is_file()
+
+
+def test_post_gelu_shift_is_folded_into_fc2_bias_after_quantization():
+    """After quantize, fc2 carries b' = b - c·Ŵ·1 and its input quantizer hands on the non-negative Q(x + c):
+    the deployed form of the bias reparameterization, with the outputs of the unfolded form."""
+    model = tiny_vit()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    bias_before = model.blocks[0].mlp.fc2.bias.detach().clone()
+    result = logart.quantize(model, vision_recipe("logart-fast", bits=4, family="vit", act_bits=4), x,
+                             progress=False, log=None, adapter=TimmViT())
+    fc2 = model.blocks[0].mlp.fc2
+    saved = result.activation_quantizers["blocks.0.mlp.fc2"]["quantizer"]
+    assert saved["folded"] and saved["shift"] == GELU_SHIFT
+    torch.testing.assert_close(fc2.bias.detach(), bias_before - GELU_SHIFT * fc2.weight.detach().sum(1))
+    from logart.calib.act_quantizers import from_config
+
+    h = nn.functional.gelu(torch.randn(4, 50, fc2.in_features, generator=torch.Generator().manual_seed(9)) * 2)
+    folded_q, unfolded_q = from_config(saved), from_config({**saved, "folded": False})
+    folded = nn.functional.linear(folded_q(h), fc2.weight, fc2.bias)
+    unfolded = nn.functional.linear(unfolded_q(h), fc2.weight, bias_before)
+    assert (folded_q(h) >= 0).all()
+    torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)

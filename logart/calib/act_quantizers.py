@@ -79,11 +79,26 @@ class LogActQuantizer(nn.Module):
         if kind not in adalog.KINDS:
             raise ValueError(f"unknown log activation quantizer {kind!r}")
         self.kind, self.bits, self.shift = kind, bits, shift
+        self.folded = False    # True once the consumer's bias absorbed the shift (`fold_shift`)
         q, r = adalog.base_of(kind, adalog.R_PRIME)
         self.params = adalog.LogActParams(1.0, q, r, bits)
 
     def forward(self, x):
-        return adalog.fake_quant(x + self.shift, self.params) - self.shift
+        shifted = adalog.fake_quant(x + self.shift, self.params)
+        return shifted if self.folded else shifted - self.shift
+
+    @torch.no_grad()
+    def fold_shift(self, linear: nn.Linear) -> None:
+        """AdaLog's deployed form (eq. 15): `linear` (the site's consumer, its weights final) takes b' = b - c·W·1
+        and this quantizer hands on Q(x + c) itself, the non-negative log-coded values; same outputs."""
+        if self.folded or not self.shift:
+            return
+        bias = reparameterize_bias(linear, self.shift)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(bias)
+        else:
+            linear.bias.data.copy_(bias)
+        self.folded = True
 
     @torch.no_grad()
     def fit(self, sample: torch.Tensor, error, strategy: str = "fpcs") -> dict:
@@ -107,7 +122,7 @@ class LogActQuantizer(nn.Module):
     def to_config(self) -> dict:
         p = self.params
         return {"type": "log", "kind": self.kind, "bits": self.bits, "shift": self.shift, "scale": p.scale,
-                "q": p.q, "r": p.r, "mantissa_bits": p.mantissa_bits}
+                "q": p.q, "r": p.r, "mantissa_bits": p.mantissa_bits, "folded": self.folded}
 
     def levels(self) -> torch.Tensor:
         """Every value the quantizer can output (the zero code included), on the unshifted axis."""
@@ -129,6 +144,7 @@ def from_config(cfg: dict) -> nn.Module:
         q = LogActQuantizer(cfg["kind"], int(cfg["bits"]), float(cfg["shift"]))
         q.params = adalog.LogActParams(float(cfg["scale"]), int(cfg["q"]), int(cfg["r"]), int(cfg["bits"]),
                                        int(cfg["mantissa_bits"]))
+        q.folded = bool(cfg.get("folded", False))
         return q
     raise ValueError(f"unknown activation quantizer type {cfg.get('type')!r}")
 

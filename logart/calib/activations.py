@@ -185,6 +185,22 @@ class ActivationQuantization:
         return self.records
 
 
+@torch.no_grad()
+def fold_shifts(activations: ActivationQuantization) -> int:
+    """Fold every shifted (post-GELU) quantizer's shift into its linear consumer's bias, once the weights are
+    final: the deployed form of AdaLog's bias reparameterization. Returns how many were folded."""
+    from logart.calib.act_quantizers import LogActQuantizer
+
+    folded = 0
+    for name, q in activations.quantizers.items():
+        site = activations.sites.get(name)
+        if isinstance(q, LogActQuantizer) and q.shift and not q.folded and site is not None \
+                and not site.output and isinstance(site.module, nn.Linear):
+            q.fold_shift(site.module)
+            folded += 1
+    return folded
+
+
 def saved_quantizers(model: nn.Module, activations: ActivationQuantization) -> dict:
     """{site: {module (its name in `model`), output, chunk, quantizer}}: what a packed checkpoint stores so that
     `install_saved` puts the same quantizers back on the reloaded model."""
