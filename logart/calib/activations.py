@@ -1,10 +1,12 @@
-"""Activation quantization of the weight sites' inputs (W4A4, W4A8): uniform, per tensor, one step size per site.
+"""Activation quantization (W4A4, W3A3, W4A8): a quantizer on every activation site, installed block by block.
 
-Block by block, before the block's weights are quantized, the driver hands each block's inputs here: every
-activation site of the block (`Block.act_sites`: the input of each conv / linear) gets a quantizer whose step is
-searched on that site's calibration inputs, and a forward pre-hook that fake-quantizes the input from then on.
-So the block's own weight search and reconstruction, and every later block, see quantized activations. The
-step is chosen by
+Before a block's weights are quantized, the driver hands the block's inputs here: every activation site of the
+block (`Block.act_sites`) gets a quantizer fitted on that site's calibration values and a hook that
+fake-quantizes it from then on, so the block's own weight search and reconstruction, and every later block,
+see quantized activations. Two families of sites:
+
+CNN sites ("conv-input", "linear-input"): a uniform per-tensor quantizer with one step (`UniformActQuantizer`),
+chosen by
 
     mse          the step among 100 candidates (a fraction 0.01 .. 1 of max |x|) with the lowest squared error
     percentile   max |x| clipped at the given percentile of |x|
@@ -13,6 +15,15 @@ An input that is never negative (after a ReLU) uses the unsigned grid [0, 2^b - 
 [-2^(b-1), 2^(b-1) - 1]. With `learn=True` the steps are trained with the block's rounding during block
 reconstruction (LSQ: the gradient reaches the step through a straight-through round), via
 `BlockReconstruction(steps=...)`. The network's own input (the image of the first layer) stays in full precision.
+
+Transformer sites (post-softmax, post-GELU, post-LayerNorm, attention output, q / k / v): the two-parameter
+quantizers of calib/act_quantizers.py (AdaLog or a fixed log base on post-softmax and post-GELU, uniform
+asymmetric elsewhere), each searched (FPCS, brute force or alternating) against its consumer's output: x Wᵀ for
+a linear layer's input, A·V for the attention probabilities. All sites of a block are fitted on the block's
+unquantized flow, then installed together. Options: RepQ-style reparameterization of post-LayerNorm inputs
+(`reparam`); after the run, post-GELU shifts are folded into fc2's bias (`fold_shifts`).
+
+`saved_quantizers` / `install_saved`: what a packed checkpoint stores to put the same quantizers back.
 """
 
 from __future__ import annotations

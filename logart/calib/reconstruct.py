@@ -106,6 +106,7 @@ class BlockReconstruction:
     def __init__(self, config: ReconstructConfig = ReconstructConfig(), steps=None, progress: bool = True):
         self.config, self.steps, self.progress = config, steps, progress
         self.weights = None    # the current block's perturbation Hessian ("hessian" loss)
+        self.layout = None     # the adapter's memory order for input batches (channels-last CNNs), if any
 
     def _soft_weights(self, driver, block, chosen, fp_module) -> dict:
         """{parameter name inside the block: (site, SoftRounding)} for every learned-rounded site, each bracket
@@ -137,6 +138,7 @@ class BlockReconstruction:
 
     def __call__(self, driver, block, chosen, inputs, kwargs, fp_inputs, fp_module) -> None:
         cfg = self.config
+        self.layout = getattr(driver.adapter, "layout", None)
         call = _Call(driver.adapter, block, kwargs)
         fp_call = _Call(driver.adapter, type(block)(block.name, fp_module, []), kwargs)
         x_fp = fp_inputs if fp_inputs is not None else inputs
@@ -200,6 +202,8 @@ class BlockReconstruction:
             if cfg.qdrop > 0:
                 keep_fp = torch.rand(x.shape, generator=gen) < cfg.qdrop
                 x = torch.where(keep_fp, x_fp[idx], x)
+            if self.layout is not None:
+                x = self.layout(x)
             weights = {key: self._weight(sr, tables)[:, :site.columns].reshape(site.weight.shape)
                        for key, (site, sr, tables) in softs.items()}
             y = torch.func.functional_call(call, weights, (x,))
