@@ -121,6 +121,9 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     from logart.pipeline import seed_everything
     from logart.report import append_csv, results_csv, now, peak_rss_gb, versions, write_json
 
+    from logart.allocator import keep_freed_memory
+
+    keep_freed_memory()   # block reconstruction allocates the same activations every iteration
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.output:
