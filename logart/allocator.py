@@ -2,8 +2,8 @@
 
 glibc serves large allocations with mmap and returns them on free, so a loop that allocates the same large
 activations every iteration gets fresh pages each time, which the kernel must fault in and zero. In CNN block
-reconstruction (MobileNetV2, batch 32, 2 cores) that was 60 % of the CPU time in the kernel; with the mmap and
-trim thresholds raised, one iteration over all blocks took 0.90 s instead of 1.35 s (docs/RESULTS.md). The cost:
+reconstruction (MobileNetV2, batch 32, 2 cores) two thirds of the CPU time went to the kernel; with the mmap and
+trim thresholds raised, one iteration over all blocks took 0.99 s instead of 1.44 s (bench/cnn_speed.py). The cost:
 memory freed by the run stays with the process until it exits.
 """
 

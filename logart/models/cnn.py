@@ -125,7 +125,7 @@ class CNN(CalledOnTensors):
     family: str = "cnn"
     captures_fp: bool = True   # reconstruction targets from a full-precision copy of the network (calib/driver.py)
     # Convolutions run in channels-last memory order: on MobileNetV2's blocks (batch 32, 2 cores) a reconstruction
-    # iteration took 1.30 s instead of 1.71 s (docs/RESULTS.md). Only the layout changes, never a value's meaning.
+    # iteration took 1.44 s instead of 2.32 s (bench/cnn_speed.py). Only the layout changes, never a value.
     memory_format: torch.memory_format = torch.channels_last
 
     def prepare(self, model: nn.Module) -> None:
