@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=2000, help="reconstruction iterations per block (brecq, logart)")
     ap.add_argument("--nsamples", type=int, default=1024, help="calibration images")
     ap.add_argument("--eval-views", type=int, default=5)
+    ap.add_argument("--calib-views", type=int, default=1, help="views of each calibration photo")
     ap.add_argument("--act-bits", type=int, nargs="*", default=[],
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
     ap.add_argument("--threads", type=int, default=2)
@@ -76,7 +77,8 @@ def main() -> int:
                 options = {"recon_iters": args.iters} if name in ("brecq", "logart") else {}
                 recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
-                                     eval_views=args.eval_views, threads=args.threads, progress=False,
+                                     eval_views=args.eval_views, calib_views=args.calib_views,
+                                     threads=args.threads, progress=False,
                                      results=str(Path(args.out).with_suffix(".csv")), tag="bench-cnn")
                 row = run_vision(recipe, opts)
                 rows.append({"model": model, "bits": bits, "act_bits": act_bits, "recipe_name": name,

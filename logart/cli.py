@@ -131,6 +131,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--first-last-bits", type=int, metavar="BITS",
                    help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
                         "default: quantized like the rest, as the original does")
+    p.add_argument("--calib-views", type=int, default=1,
+                   help="vision models: views of each calibration photo (centre, mirror, random crops; default 1: "
+                        "the centre only), e.g. 4 for 4 x 128 calibration inputs")
     p.add_argument("--eval-views", type=int, default=5,
                    help="vision models: views (centre, mirror, random crops) of each held-out photo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -183,7 +186,8 @@ def cmd_quantize_vision(args):
     opts = VisionOptions(model=args.model, weights=args.weights,
                          calib="photos" if args.calib == llm.calib else args.calib,
                          eval="photos-eval" if args.eval == llm.eval else args.eval, nsamples=args.nsamples,
-                         eval_views=args.eval_views, first_last_bits=args.first_last_bits, output=args.output,
+                         eval_views=args.eval_views, calib_views=args.calib_views,
+                         first_last_bits=args.first_last_bits, output=args.output,
                          results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
                          seed=args.seed, progress=not args.quiet)
     run_vision(_recipe_from(args, make=functools.partial(vision_recipe, family=family_of(args.model))), opts)

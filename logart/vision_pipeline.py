@@ -63,6 +63,7 @@ class VisionOptions:
     eval: str = "photos-eval"           # photos-eval (packaged), a folder, or fashion-test
     nsamples: int | None = None         # calibration images (None: 128 photos, 1024 Fashion-MNIST images)
     eval_views: int = 5                 # views per evaluation photo (centre, mirror, random crops)
+    calib_views: int = 1                # views per calibration photo (1: the centre view only)
     eval_limit: int | None = None       # at most this many evaluation images
     first_last_bits: int | None = None  # None: quantize them like the rest (the original); 8: BRECQ's choice
     output: str | None = None
@@ -75,14 +76,18 @@ class VisionOptions:
 
 
 def calibration_images(vm, opts: VisionOptions) -> torch.Tensor:
-    """The calibration inputs: a seeded sample of Fashion-MNIST training images, or the photos' centre views."""
-    from logart.data.images import fashion_mnist, fashion_tensors, load_images
+    """The calibration inputs: a seeded sample of Fashion-MNIST training images, or the photos' centre views (with
+    `calib_views` > 1, that many views of each photo)."""
+    from logart.data.images import fashion_mnist, fashion_tensors, load_images, views
 
     if vm.data == "fashion-mnist":
         images, _ = fashion_mnist("train")
         pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(opts.seed))
         return fashion_tensors(images[pick[:opts.nsamples or 1024]])
     calib = "photos" if opts.calib in ("photos", "fashion-train") else opts.calib
+    if opts.calib_views > 1:   # more varied inputs than photos: mirrors and random crops (seeded)
+        return views(calib, vm.preprocess, per_image=opts.calib_views, seed=opts.seed + 1,
+                     limit=opts.nsamples or 128)
     return load_images(calib, vm.preprocess, limit=opts.nsamples or 128)
 
 
@@ -154,7 +159,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
                       log=None, adapter=adapter, on_block_done=on_block)
     seconds = time.perf_counter() - t0
     row = {"tag": opts.tag, "date": now(), "model": vm.name, "pretrained": vm.pretrained, "recipe": recipe.to_dict(),
-           "calib": opts.calib, "nsamples": int(x_calib.shape[0]), "eval": opts.eval,
+           "calib": opts.calib, "calib_views": opts.calib_views, "nsamples": int(x_calib.shape[0]), "eval": opts.eval,
            "eval_inputs": int(x_eval.shape[0]), "first_last_bits": opts.first_last_bits,
            "quant_seconds": round(seconds, 1), "block_seconds": [round(s, 1) for s in blocks],
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),

@@ -308,3 +308,20 @@ def test_keep_freed_memory_is_accepted_by_glibc_and_never_raises():
     assert isinstance(taken, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert taken
+
+
+def test_calibration_views_multiply_the_photos(tmp_path):
+    from PIL import Image
+
+    from logart.models.vision import VisionModel
+    from logart.vision_pipeline import VisionOptions, calibration_images
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    vm = VisionModel("mobilenetv2", nn.Identity(), Preprocess(resize=36, crop=32), "imagenet-photos")
+    one = calibration_images(vm, VisionOptions(calib=str(tmp_path)))
+    four = calibration_images(vm, VisionOptions(calib=str(tmp_path), calib_views=4))
+    assert one.shape == (3, 3, 32, 32) and four.shape == (12, 3, 32, 32)
+    torch.testing.assert_close(four[0], one[0])                       # the first view is the centre view
+    torch.testing.assert_close(four[1], one[0].flip(-1))              # then its mirror
