@@ -34,9 +34,14 @@ class AsymActQuantizer(nn.Module):
         self.register_buffer("hi", torch.tensor(1.0))
 
     @staticmethod
-    def _apply(x, lo, hi, maxq):
+    def _grid(lo, hi, maxq) -> tuple[float, int]:
+        """(step, zero point) of the range [lo, hi] on codes 0 .. maxq."""
         delta = max(hi - lo, 1e-12) / maxq
-        zero = round(-lo / delta)
+        return delta, round(-lo / delta)
+
+    @classmethod
+    def _apply(cls, x, lo, hi, maxq):
+        delta, zero = cls._grid(lo, hi, maxq)
         return (torch.clamp(torch.round(x / delta) + zero, 0, maxq) - zero) * delta
 
     def forward(self, x):
@@ -65,9 +70,8 @@ class AsymActQuantizer(nn.Module):
 
     def levels(self) -> torch.Tensor:
         """Every value the quantizer can output."""
-        lo, hi = float(self.lo), float(self.hi)
-        delta = max(hi - lo, 1e-12) / self.maxq
-        return (torch.arange(self.maxq + 1) - round(-lo / delta)) * delta
+        delta, zero = self._grid(float(self.lo), float(self.hi), self.maxq)
+        return (torch.arange(self.maxq + 1) - zero) * delta
 
     def extra_repr(self):
         return f"bits={self.bits}, lo={float(self.lo):.4g}, hi={float(self.hi):.4g}"
@@ -93,11 +97,7 @@ class LogActQuantizer(nn.Module):
         and this quantizer hands on Q(x + c) itself, the non-negative log-coded values; same outputs."""
         if self.folded or not self.shift:
             return
-        bias = reparameterize_bias(linear, self.shift)
-        if linear.bias is None:
-            linear.bias = nn.Parameter(bias)
-        else:
-            linear.bias.data.copy_(bias)
+        set_bias(linear, reparameterize_bias(linear, self.shift))
         self.folded = True
 
     @torch.no_grad()
@@ -110,8 +110,9 @@ class LogActQuantizer(nn.Module):
             q, r = adalog.base_of(self.kind, qs[j])
             return adalog.LogActParams(scales[i], q, r, self.bits)
 
+        shifted = sample + self.shift
+
         def score(a, b):
-            shifted = sample + self.shift
             return torch.tensor([error(adalog.fake_quant(shifted, params(i, j)) - self.shift)
                                  for i, j in zip(a.tolist(), b.tolist())])
 
@@ -154,7 +155,8 @@ def histogram(sample: torch.Tensor, quantizer, bins: int = 60) -> dict:
     shifted positive values for a log quantizer) and the quantizer's levels."""
     x = sample.reshape(-1).float()
     if isinstance(quantizer, LogActQuantizer):
-        positive = (x + quantizer.shift)[(x + quantizer.shift) > 0]
+        shifted = x + quantizer.shift
+        positive = shifted[shifted > 0]
         lo = float(positive.min()) if positive.numel() else 1e-8
         edges = torch.logspace(torch.log10(torch.tensor(max(lo, 1e-8))), torch.log10(positive.max().clamp(min=2e-8)),
                                bins + 1) - quantizer.shift
@@ -172,3 +174,12 @@ def reparameterize_bias(linear: nn.Linear, shift: float) -> torch.Tensor:
     w = linear.weight.detach()
     b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     return b - shift * w.sum(dim=1)
+
+
+def set_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    """Give `linear` this bias, creating the parameter when the layer has none."""
+    bias = bias.to(linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias)
+    else:
+        linear.bias.data = bias

@@ -236,10 +236,16 @@ def install_saved(model: nn.Module, saved: dict) -> None:
         _install(ActSite(name, model.get_submodule(entry["module"]), entry["kind"], bool(entry["output"]), chunk), q)
 
 
-def _slice(site, out: torch.Tensor) -> torch.Tensor:
+def _span(site, out: torch.Tensor) -> tuple[int, int]:
+    """(start, stop) of the site's slice of the last dimension of `out`."""
     i, n = site.chunk
     width = out.shape[-1] // n
-    return out[..., i * width:(i + 1) * width]
+    return i * width, (i + 1) * width
+
+
+def _slice(site, out: torch.Tensor) -> torch.Tensor:
+    start, stop = _span(site, out)
+    return out[..., start:stop]
 
 
 def _install(site, q: nn.Module) -> None:
@@ -249,9 +255,8 @@ def _install(site, q: nn.Module) -> None:
         site.module.register_forward_hook(lambda _m, _args, out: q(out))
     else:
         def hook(_m, _args, out):
-            i, n = site.chunk
-            width = out.shape[-1] // n
-            return torch.cat([out[..., :i * width], q(_slice(site, out)), out[..., (i + 1) * width:]], dim=-1)
+            start, stop = _span(site, out)
+            return torch.cat([out[..., :start], q(out[..., start:stop]), out[..., stop:]], dim=-1)
         site.module.register_forward_hook(hook)
 
 
@@ -290,6 +295,8 @@ def _reparameterize(site, seen: dict, bits: int) -> str:
     the network computes the same function and a per-tensor quantizer of y' is the per-channel one of y. The
     weights absorb the channel spread (they are quantized afterwards). Skipped (the reason is returned) when the
     site's input is not exactly its LayerNorm's output (a Swin window partition, a post-norm block)."""
+    from logart.calib.act_quantizers import set_bias
+
     y, normed = seen[site.name], seen.pop(site.name + "#norm")
     if len(y) != len(normed) or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(y, normed)):
         return "skipped: the input is not the LayerNorm's output itself"
@@ -306,11 +313,7 @@ def _reparameterize(site, seen: dict, bits: int) -> str:
     w = linear.weight.data.float() * r
     b = linear.bias.data.float() if linear.bias is not None else torch.zeros(w.shape[0])
     linear.weight.data = w.to(linear.weight.dtype)
-    new_bias = (b - w @ t).to(linear.weight.dtype)
-    if linear.bias is None:
-        linear.bias = torch.nn.Parameter(new_bias)
-    else:
-        linear.bias.data = new_bias
+    set_bias(linear, b - w @ t)
     seen[site.name] = [v / r + t for v in y]
     return f"per-channel ranges folded into one (scale spread max/min {float(r.max() / r.min()):.3g})"
 

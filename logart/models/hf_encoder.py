@@ -26,7 +26,7 @@ from logart.models.decoder import block_output, capture_block_inputs
 from logart.models.sites import WeightSite
 
 ATTENTION = "logart_eager"
-_ROLES = {"query": "query", "key": "key", "value": "value"}
+ROLES = ("query", "key", "value")   # the leaf names that are also weight roles
 
 
 def logart_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
@@ -42,12 +42,13 @@ def logart_eager_attention(module, query, key, value, attention_mask, scaling=No
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def _layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module) and all(
                 hasattr(getattr(getattr(m, "attention", None), "self", None), "query") for m in module):
             return name, module
-    return None
+    raise LogartError(f"{type(model).__name__} has no BERT-style encoder layers (encoder.layer.i with "
+                      "attention.self.query).", "pass a BertModel or another BERT-family encoder.")
 
 
 def _act_sites(name: str, layer: nn.Module) -> list[ActSite]:
@@ -70,12 +71,9 @@ class HFEncoder:
     def prepare(self, model: nn.Module) -> None:
         from transformers import AttentionInterface
 
-        found = _layers(model)
-        if found is None:
-            raise LogartError(f"{type(model).__name__} has no BERT-style encoder layers (encoder.layer.i with "
-                              "attention.self.query).", "pass a BertModel or another BERT-family encoder.")
+        _, layers = _layers(model)
         AttentionInterface.register(ATTENTION, logart_eager_attention)
-        for layer in found[1]:
+        for layer in layers:
             attn = layer.attention.self
             for part in ("logart_q", "logart_k", "logart_v", "logart_probs"):
                 if not hasattr(attn, part):
@@ -86,15 +84,11 @@ class HFEncoder:
                 config._attn_implementation = ATTENTION
 
     def plan(self, model: nn.Module) -> list[Block]:
-        found = _layers(model)
-        if found is None:
-            raise LogartError(f"{type(model).__name__} has no BERT-style encoder layers.",
-                              "pass a BertModel or another BERT-family encoder.")
-        prefix, layers = found
+        prefix, layers = _layers(model)
         plan = []
         for i, layer in enumerate(layers):
             name = f"{prefix}.{i}"
-            sites = [WeightSite(f"{name}.{n}", m, _ROLES.get(n.rsplit(".", 1)[-1], "plain"))
+            sites = [WeightSite(f"{name}.{n}", m, leaf if (leaf := n.rsplit(".", 1)[-1]) in ROLES else "plain")
                      for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
             acts = _act_sites(name, layer) if hasattr(layer.attention.self, "logart_q") else []
             plan.append(Block(name, layer, sites, act_sites=acts))
