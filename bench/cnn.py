@@ -56,6 +56,17 @@ def checks(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _option(kv: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as a number where it is one."""
+    key, _, value = kv.partition("=")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["fashion-resnet", "fashion-mobilenet"])
@@ -67,14 +78,17 @@ def main() -> int:
     ap.add_argument("--calib-views", type=int, default=1, help="views of each calibration photo")
     ap.add_argument("--act-bits", type=int, nargs="*", default=[],
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe options for the reconstructed recipes (brecq, logart), e.g. recon_forward=soft")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cnn.json"))
     args = ap.parse_args()
+    extra = dict(_option(kv) for kv in args.set)
     rows, t0 = [], time.perf_counter()
     for model in args.models:
         for bits, act_bits in [(b, None) for b in args.bits] + [(b, a) for b in args.bits for a in args.act_bits]:
             for name in args.recipes:
-                options = {"recon_iters": args.iters} if name in ("brecq", "logart") else {}
+                options = {"recon_iters": args.iters, **extra} if name in ("brecq", "logart") else {}
                 recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
                                      eval_views=args.eval_views, calib_views=args.calib_views,

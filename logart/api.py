@@ -64,7 +64,7 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
 
         config = ReconstructConfig(iters=rc.iters, loss=rc.loss, qdrop=rc.qdrop, hard_forward=rc.forward == "hard",
                                    batch=rc.batch, lr=rc.lr, lr_min_ratio=rc.lr_min_ratio, reg_weight=rc.reg_weight,
-                                   seed=recipe.calibration.seed)
+                                   reduce=rc.reduce, seed=recipe.calibration.seed)
         reconstruction = BlockReconstruction(config, progress=progress)
     activations = None
     if recipe.activations.bits is not None:

@@ -74,6 +74,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--recon-forward", choices=["hard", "soft"],
                    help="hard (default): the block trains on the hard rounding choices, gradients through the soft "
                         "path (straight-through); soft: BRECQ's soft weights with an annealed regulariser")
+    p.add_argument("--recon-reduce", choices=["sample", "position"],
+                   help="sample: the block loss sums each sample's output elements (default on LLMs and ViTs); "
+                        "position: it sums channels and averages positions (BRECQ's CNN loss, the default on CNNs)")
     p.add_argument("--qdrop", type=float, metavar="P",
                    help="QDrop: each reconstruction input element is the full-precision one with probability P")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
@@ -145,7 +148,7 @@ def _recipe_from(args, make=make_recipe):
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
     for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
-                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "qdrop", "act_bits", "act_method",
+                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "recon_reduce", "qdrop", "act_bits", "act_method",
                  "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

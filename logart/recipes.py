@@ -173,9 +173,12 @@ class ReconstructionConfig:
     lr: float = 0.05
     lr_min_ratio: float = 0.0        # cosine down to this fraction of lr (the original CNN pipeline: 0.3)
     reg_weight: float = 0.01         # λ of the rounding regulariser (BRECQ 0.01; the original CNN pipeline: 1)
+    reduce: str = "sample"           # "sample": the loss sums a sample's output elements; "position": it sums the
+                                     # channels and averages the positions (BRECQ's and the original CNN pipeline's)
 
     def __post_init__(self):
         _choice(self.kind, RECONSTRUCTIONS, "reconstruction", "")
+        _choice(self.reduce, ("sample", "position"), "reconstruction loss reduction", "use sample or position.")
         _choice(self.forward, ("hard", "soft"), "reconstruction forward", "use hard or soft.")
         _choice(self.loss, ("mse", "nlc", "hessian"), "reconstruction loss", "use mse, nlc or hessian.")
         if self.iters < 1 or not 0.0 <= self.qdrop <= 1.0 or self.batch < 1 or not self.lr > 0:
@@ -238,7 +241,7 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         "recon_loss": ("reconstruction", "loss"), "qdrop": ("reconstruction", "qdrop"),
         "recon_forward": ("reconstruction", "forward"), "recon_batch": ("reconstruction", "batch"),
         "recon_lr": ("reconstruction", "lr"), "recon_lr_min_ratio": ("reconstruction", "lr_min_ratio"),
-        "recon_reg": ("reconstruction", "reg_weight"),
+        "recon_reg": ("reconstruction", "reg_weight"), "recon_reduce": ("reconstruction", "reduce"),
         "act_bits": ("activations", "bits"), "act_method": ("activations", "method"), "act_learn": ("activations", "learn"),
         "act_softmax": ("activations", "softmax"), "act_gelu": ("activations", "gelu"),
         "act_softmax_bits": ("activations", "softmax_bits"), "act_search": ("activations", "search"),

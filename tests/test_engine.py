@@ -208,3 +208,20 @@ def test_the_recipe_option_turns_block_reconstruction_on():
     assert all("reconstruct" in r.extra for r in result.layers)
     with pytest.raises(LogartError, match="reconstruction"):
         logart.make_recipe("logart-fast", reconstruct="layer")
+
+
+def test_position_reduction_is_the_mean_over_positions_of_the_channel_sum():
+    from logart.calib.reconstruct import output_loss
+
+    g = torch.Generator().manual_seed(0)
+    y, t = torch.randn(3, 4, 5, 6, generator=g), torch.randn(3, 4, 5, 6, generator=g)
+    per_position = (y - t).pow(2).sum(1).mean()          # BRECQ's lp_loss: Σ channels, mean over batch and positions
+    assert torch.allclose(output_loss(y, t, "mse", reduce="position"), per_position)
+    assert torch.allclose(output_loss(y, t, "mse"), per_position * 30)
+    flat_y, flat_t = y.flatten(1), t.flatten(1)          # no positions: both reductions agree
+    assert torch.equal(output_loss(flat_y, flat_t, "mse", reduce="position"), output_loss(flat_y, flat_t, "mse"))
+    assert logart.make_recipe("brecq", recon_reduce="position").reconstruction.reduce == "position"
+    with pytest.raises(LogartError, match="reduction"):
+        logart.make_recipe("brecq", recon_reduce="pixels")
+    with pytest.raises(LogartError, match="reduction"):
+        ReconstructConfig(reduce="pixels")

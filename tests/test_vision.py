@@ -112,6 +112,10 @@ def test_explicit_options_beat_the_cnn_defaults():
     assert vision_recipe("logart", recon_iters=7).reconstruction.iters == 7
     assert vision_recipe("logart").reconstruction.iters == 2000
     assert vision_recipe("logart", reconstruct="none").reconstruction.kind == "none"
+    cnn, vit = vision_recipe("brecq").reconstruction, vision_recipe("brecq", family="vit").reconstruction
+    assert (cnn.forward, cnn.reduce) == ("soft", "position")    # the original CNN pipeline's AdaRound
+    assert (vit.forward, vit.reduce) == ("hard", "sample")
+    assert vision_recipe("logart", recon_forward="hard").reconstruction.forward == "hard"
 
 
 def test_first_and_last_layers_can_keep_8_bits():
