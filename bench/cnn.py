@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--act-bits", type=int, nargs="*", default=[],
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="recipe options for the reconstructed recipes (brecq, logart), e.g. recon_forward=soft")
+                    help="recipe options for every recipe of the run, e.g. score=output or recon_forward=hard")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cnn.json"))
     args = ap.parse_args()
@@ -88,7 +88,7 @@ def main() -> int:
     for model in args.models:
         for bits, act_bits in [(b, None) for b in args.bits] + [(b, a) for b in args.bits for a in args.act_bits]:
             for name in args.recipes:
-                options = {"recon_iters": args.iters, **extra} if name in ("brecq", "logart") else {}
+                options = {**({"recon_iters": args.iters} if name in ("brecq", "logart") else {}), **extra}
                 recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
                                      eval_views=args.eval_views, calib_views=args.calib_views,

@@ -79,6 +79,11 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "position: it sums channels and averages positions (BRECQ's CNN loss, the default on CNNs)")
     p.add_argument("--qdrop", type=float, metavar="P",
                    help="QDrop: each reconstruction input element is the full-precision one with probability P")
+    p.add_argument("--score", choices=["hessian", "weight", "output"],
+                   help="what the codebook search minimises per row: hessian (Δw H Δwᵀ of the layer's inputs, "
+                        "default), weight (data-free weight error) or output (vision models: the layer's output "
+                        "error after its activation against the full-precision network, on 32 inputs; the "
+                        "original CNN pipeline's layer_wise search, one layer forward per scored candidate)")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
@@ -147,7 +152,7 @@ def _recipe_from(args, make=make_recipe):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
+    for name in ("rounding", "search", "score", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
                  "reconstruct", "recon_iters", "recon_loss", "recon_forward", "recon_reduce", "qdrop", "act_bits", "act_method",
                  "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
         if getattr(args, name) is not None:

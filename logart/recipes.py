@@ -108,6 +108,9 @@ def _choice(value, allowed, what: str, fix: str):
     return value
 
 
+SCORES = ("hessian", "weight", "output")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Which codebook parameters each row gets (search/)."""
@@ -115,12 +118,14 @@ class SearchConfig:
     dbs: bool = True                 # search k per row (log_dynamic only)
     sfs: bool = True                 # search the scale multiplier s per row
     strategy: str = "fast"           # "fast" (pruned, see search/) or "exhaustive" (the original's full grid)
-    score: str = "hessian"           # "hessian" (Δw H Δwᵀ) or "weight" (data-free weight SSE)
+    score: str = "hessian"           # "hessian" (Δw H Δwᵀ), "weight" (data-free weight SSE) or "output" (vision
+                                     # models: the layer's output error after its activation, the original CNN's
+                                     # layer_wise search; search/scores.py LayerOutputScore)
     abs_per_row: bool = False        # strict ABS: each row keeps the asymmetric or the symmetric table, by score
 
     def __post_init__(self):
         _choice(self.strategy, SEARCHES, "search", "")
-        _choice(self.score, ("hessian", "weight"), "search score", "use 'hessian' or 'weight'.")
+        _choice(self.score, SCORES, "search score", f"use one of {', '.join(SCORES)}.")
 
 
 @dataclass(frozen=True)
@@ -340,7 +345,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
         single candidate with RTN is data-free."""
-        own = (self.search.score == "hessian" and self.searches) or self.rounding.method != Rounding.RTN \
+        own = (self.search.score != "weight" and self.searches) or self.rounding.method != Rounding.RTN \
             or self.reconstruction.kind != "none" or self.activations.bits is not None
         return own or any(self._apply(r).needs_calibration for r in self.overrides)
 

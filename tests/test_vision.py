@@ -91,21 +91,26 @@ class TinyNet(nn.Module):
         return self.fc(self.body(self.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("recipe", ["logart", "brecq"])
-def test_a_tiny_cnn_runs_search_and_reconstruction(recipe):
+def _quantize_tiny(recipe, n: int = 32):
+    """(result, top-1 agreement with the fp32 TinyNet) of `recipe` on n random inputs."""
     torch.manual_seed(0)
     model = TinyNet().eval()
-    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = model(x)
+    result = logart.quantize(model, recipe, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+    with torch.no_grad():
+        return result, agreement(reference, model(x))
+
+
+@pytest.mark.parametrize("recipe", ["logart", "brecq"])
+def test_a_tiny_cnn_runs_search_and_reconstruction(recipe):
     r = vision_recipe(recipe, bits=3, recon_iters=20, recon_batch=8)
     assert r.reconstruction.kind == "block" and r.reconstruction.reg_weight == 1.0
-    result = logart.quantize(model, r, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+    result, agree = _quantize_tiny(r)
     infos = [rec.extra["reconstruct"] for rec in result.layers if "reconstruct" in rec.extra]
     assert infos and all(i["block_error_reconstructed"] >= 0 for i in infos)
-    with torch.no_grad():
-        out = model(x)
-    assert agreement(reference, out) > 50
+    assert agree > 50
 
 
 def test_explicit_options_beat_the_cnn_defaults():
@@ -329,3 +334,75 @@ def test_calibration_views_multiply_the_photos(tmp_path):
     assert one.shape == (3, 3, 32, 32) and four.shape == (12, 3, 32, 32)
     torch.testing.assert_close(four[0], one[0])                       # the first view is the centre view
     torch.testing.assert_close(four[1], one[0].flip(-1))              # then its mirror
+
+
+def test_sites_know_the_activation_they_feed():
+    from torchvision.models import mobilenet_v2
+
+    blocks = _plan(mobilenet_v2())
+    sites = {s.name: s for b in blocks for s in b.sites}
+    assert isinstance(sites["features.1.conv.0.0"].act, nn.ReLU6)      # depthwise conv -> BN (folded) -> ReLU6
+    assert sites["features.1.conv.1"].act is None                      # the linear bottleneck projection
+    assert sites["classifier.1"].act is None
+
+
+def test_layer_output_score_of_a_linear_layer_is_its_gram_form():
+    from logart.calib.layer import layer_forward
+    from logart.models.sites import WeightSite
+    from logart.search import HessianScore, LayerOutputScore
+
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(12, 5)
+    x = torch.randn(40, 12, generator=g)
+    W = layer.weight.detach().clone()
+    site = WeightSite("fc", layer)
+    score = LayerOutputScore(layer_forward(site, x), W, layer(x).detach(), channel_dim=-1)
+    dw = 0.1 * torch.randn(3, 5, 12, generator=g)
+    gram = HessianScore(2 * x.T @ x)(dw) / 2            # Σ_n (x_n · dw_r)², HessianScore takes H = 2 XᵀX
+    assert torch.allclose(score(dw), gram, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_output_score_of_a_depthwise_conv_is_each_channels_own_error():
+    from logart.calib.layer import layer_forward
+    from logart.models.sites import WeightSite
+    from logart.search import LayerOutputScore
+
+    g = torch.Generator().manual_seed(1)
+    conv, act = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU6()
+    x = 3 * torch.randn(6, 4, 7, 7, generator=g)
+    site = WeightSite("dw", conv, act=act)
+    W = site.matrix()
+    target = act(conv(x)).detach()
+    score = LayerOutputScore(layer_forward(site, x), W, target)
+    dw = 0.3 * torch.randn(4, 9, generator=g)
+    with torch.no_grad():
+        moved = act(nn.functional.conv2d(x, (W + dw).view(4, 1, 3, 3), conv.bias, padding=1, groups=4))
+    expected = (moved - target).pow(2).sum((0, 2, 3))
+    assert torch.allclose(score(dw[None])[0], expected, rtol=1e-5)
+    with pytest.raises(LogartError, match="whole output channels"):
+        score(torch.zeros(1, 8, 9))
+
+
+def test_the_layer_output_search_runs_on_a_tiny_cnn_and_exhaustive_finds_the_least_first_layer_error():
+    runs = {}
+    for strategy in ("fast", "exhaustive"):
+        result, agree = _quantize_tiny(vision_recipe("logart-fast", bits=3, score="output", search=strategy), 40)
+        assert len(result.layers) == 4 and all(r.extra["search_strategy"] == strategy for r in result.layers)
+        assert agree > 50
+        runs[strategy] = result.layers[0].extra["search_loss"]   # the first layer's inputs are the same in both
+    assert runs["exhaustive"] <= runs["fast"] * (1 + 1e-6)
+
+
+def test_the_layer_output_score_needs_whole_channels_and_a_full_precision_network():
+    from logart.models import tiny_causal_lm
+
+    model = TinyNet().eval()
+    x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(LogartError, match="group size"):
+        logart.quantize(model, vision_recipe("logart-fast", bits=4, group_size=4, score="output"), x,
+                        progress=False, log=None, adapter=CNN(example=x[:2]))
+    lm = tiny_causal_lm("llama")
+    calib = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = logart.quantize(lm, "logart-fast", calib, bits=4, progress=False, log=None, nsamples=4, seqlen=16,
+                             score="output")    # an LM carries its full-precision stream through block copies
+    assert result.layers

@@ -34,9 +34,12 @@ from tqdm.auto import tqdm
 from logart.calib.attention import AttentionObserver
 from logart.calib.layer import quantize_site
 from logart.calib.record import LayerRecord
+from logart.calib.hooks import forward_until_seen
 from logart.calib.stats import block_hessians, input_groups, propagate
 from logart.errors import LogartError
 from logart.quant import make_codebook
+
+SEARCH_SAMPLES = 32   # inputs of the layer-output search score (the original CNN's --search_samples)
 
 if TYPE_CHECKING:   # the recipe is handed in by the caller; calib/ does not import the layer above it
     from logart.recipes import Recipe
@@ -63,7 +66,7 @@ class BlockDriver:
         self.stream = _Stream()
         # The full-precision stream: the target of every site (full-precision targets) or of every block
         # (reconstruction).
-        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None
+        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None or recipe.search.score == "output"
         self.fp_model = None   # a full-precision copy, for adapters whose blocks are captured one by one
 
     def chosen_sites(self, block) -> dict:
@@ -116,13 +119,14 @@ class BlockDriver:
             return None
         return AttentionObserver(attention, {s.name: s.module for s in block.sites})
 
-    def quantize_sites(self, names, chosen, hessians: dict, factors: dict, bars) -> None:
+    def quantize_sites(self, names, chosen, hessians: dict, factors: dict, bars, outputs: dict | None = None) -> None:
         for name in names:
             site, eff = chosen[name]
             for bar in bars:
                 bar.set_postfix_str(name)
             cb = self.codebook_of(eff.codebook)
-            rec, p = quantize_site(site, cb, eff, hessians.get(name), G=factors.get(name))
+            rec, p = quantize_site(site, cb, eff, hessians.get(name), G=factors.get(name),
+                                   outputs=(outputs or {}).get(name))
             self.block_records.append(rec)
             self.block_params[name] = (cb, p)
             bars[-1].update(site.numel)
@@ -149,7 +153,12 @@ class BlockDriver:
         elif fp_inputs is None or not self.recipe.calibration.fp_target:
             hooks = observer.hooks() if observer else ()
             hessians = block_hessians(run, calibrated, inputs, hooks)
-            self.quantize_sites(list(chosen), chosen, hessians, observer.factors() if observer else {}, bars)
+            factors = observer.factors() if observer else {}
+            if any(chosen[n][1].search.score == "output" for n in calibrated):
+                self.quantize_by_output(block, chosen, calibrated, kwargs, (inputs, fp_inputs, fp_block), hessians,
+                                        factors, bars)
+            else:
+                self.quantize_sites(list(chosen), chosen, hessians, factors, bars)
             del hessians
         else:
             self.quantize_against_fp(block, chosen, calibrated, kwargs, (inputs, fp_inputs, fp_block), observer, bars)
@@ -161,6 +170,27 @@ class BlockDriver:
             if fp_inputs is not None:
                 fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
                 self.stream.fp_inputs = propagate(fp_run, fp_inputs)
+
+    def quantize_by_output(self, block, chosen, calibrated, kwargs, streams, hessians, factors, bars):
+        """The layer-output search score (the original CNN's `layer_wise`): one site after the other, each searched
+        on its input from the block with the sites before it already quantized, against the full-precision
+        network's output of that layer (after its activation), on the first SEARCH_SAMPLES inputs."""
+        inputs, fp_inputs, fp_block = streams
+        if fp_inputs is None:
+            raise LogartError(f"{block.name}: the layer-output search score needs the full-precision network's "
+                              "inputs of this block, and this run does not carry them.",
+                              "use --score hessian for this model.")
+        n = min(SEARCH_SAMPLES, inputs.shape[0])
+        run = functools.partial(self.adapter.run, block, kwargs=kwargs)
+        fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
+        for name, (site, eff) in chosen.items():
+            outputs = None
+            if name in calibrated and eff.search.score == "output":
+                fp_layer = fp_block.get_submodule(_relative(name, block.name))
+                with torch.no_grad():
+                    y = fp_layer(input_of(fp_run, fp_layer, fp_inputs[:n]))
+                    outputs = {name: (input_of(run, site.module, inputs[:n]), site.act(y) if site.act else y)}
+            self.quantize_sites([name], chosen, hessians, factors, bars, outputs)
 
     def quantize_against_fp(self, block, chosen, calibrated, kwargs, streams, observer, bars):
         """Full-precision targets: each group's statistics are gathered after the groups before it in the block
@@ -237,6 +267,17 @@ def check_rules(recipe, names: list[str]) -> None:
             raise LogartError(f"{option} pattern {pattern!r} matches none of the {len(names)} weights this run "
                               f"quantizes (full names such as {examples}).",
                               "fix the pattern (it is searched in the full module name), or drop the rule.")
+
+
+@torch.no_grad()
+def input_of(run, module, x: torch.Tensor) -> torch.Tensor:
+    """The input `module` receives when `run(x)` runs (the forward stops there)."""
+    seen = []
+    forward_until_seen(lambda: run(x), {"layer": module}, lambda _n, t: seen.append(t), stop_early=True)
+    if not seen:
+        raise LogartError(f"the block never called {type(module).__name__} on these inputs.",
+                          "check the adapter's block plan.")
+    return seen[0]
 
 
 def _relative(name: str, prefix: str) -> str:

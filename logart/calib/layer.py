@@ -11,7 +11,8 @@ from logart.calib.record import LayerRecord
 from logart.quant import make_codebook
 from logart.quant.rows import padded_width
 from logart.rounding import LLRConfig, QuadraticLoss, gptq, hessian_loss, learned_rounding, rtn
-from logart.search import HessianScore, WeightSSE, default_k_values, default_s_values, search
+from logart.errors import LogartError
+from logart.search import HessianScore, LayerOutputScore, WeightSSE, default_k_values, default_s_values, search
 from logart.search.per_row import per_row_best
 
 
@@ -50,11 +51,38 @@ def _asymmetry_per_row(cb, W, score, recipe, found):
     return merged, int(pick.sum())
 
 
-def quantize_site(site, cb, recipe, hessian=None, G=None):
+def layer_forward(site, x: torch.Tensor):
+    """W_hat [O, C] -> the site's layer run on `x` with that weight, then its activation (site.act)."""
+    def forward(W_hat: torch.Tensor) -> torch.Tensor:
+        y = torch.func.functional_call(site.module, {"weight": W_hat.reshape(site.weight.shape)}, (x,))
+        return site.act(y) if site.act is not None else y
+    return forward
+
+
+def search_score(site, cb, W, H, recipe, outputs=None):
+    """The search's score for this site: its layer-output error on `outputs` = (search inputs, full-precision
+    target) for score "output", Δw H Δwᵀ for "hessian" when there are statistics, the weight SSE otherwise."""
+    hessian = HessianScore(H) if H is not None else None
+    if recipe.search.score != "output":
+        return hessian if (hessian is not None and recipe.search.score == "hessian") else WeightSSE()
+    if outputs is None:
+        raise LogartError(f"{site.name}: the layer-output search score needs the full-precision network beside the "
+                          "quantized one (vision models: CNNs and ViTs).", "use --score hessian for this model.")
+    if cb.spec.group_size != -1:
+        raise LogartError(f"{site.name}: the layer-output search score scores whole output channels, and this "
+                          f"recipe quantizes by group size {cb.spec.group_size}.",
+                          "use per-channel quantization (group size -1) with --score output.")
+    x, target = outputs
+    channel_dim = -1 if isinstance(site.module, torch.nn.Linear) else 1
+    return LayerOutputScore(layer_forward(site, x), W, target, channel_dim, fallback=hessian)
+
+
+def quantize_site(site, cb, recipe, hessian=None, G=None, outputs=None):
     """Quantize the weight of `site` (a WeightSite, models/sites.py) in place. `hessian`: the HessianAccumulator
     of its input rows (None: data-free). `G`: per-head attention factors [heads, head_dim, head_dim] for a q/k
     projection; with `recipe.rounding.attention_aware` LLR minimises Σ_h tr(G_h ΔW_h H ΔW_hᵀ) instead of tr(ΔW H ΔWᵀ)
-    (spec §4.4). Returns (LayerRecord, params)."""
+    (spec §4.4). `outputs`: (search inputs, full-precision output) of the layer for the layer-output score.
+    Returns (LayerRecord, params)."""
     t0 = time.perf_counter()
     rounding = recipe.rounding
     G = G if rounding.attention_aware and rounding.method.learns else None
@@ -66,7 +94,7 @@ def quantize_site(site, cb, recipe, hessian=None, G=None):
         if recipe.calibration.fp_target:  # move toward the full-precision model's output (calib/hessian.py)
             W = hessian.target(W, H, recipe.calibration.fp_target)
     W, H = _whole_groups(W, H, cb.spec.group_size)
-    score = HessianScore(H) if (H is not None and recipe.search.score == "hessian") else WeightSSE()
+    score = search_score(site, cb, W, H, recipe, outputs)
     found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.search.dbs),
                    default_s_values(cb, recipe.search.sfs), strategy=recipe.search.strategy)
     found, symmetric_rows = _asymmetry_per_row(cb, W, score, recipe, found)

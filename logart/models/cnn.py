@@ -141,13 +141,14 @@ class CNN(CalledOnTensors):
         if not found:
             raise LogartError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize.",
                               "pass a convolutional network.")
-        bare = {name: module for name, module in found if isinstance(module, WEIGHT_LAYERS)}
-        fused = following_activations(model, bare, self.example) if bare else {}
+        fused = following_activations(model, dict(_weight_layers(model)), self.example)
         blocks = []
         for name, module in found:
             layers = [(name, module)] if isinstance(module, WEIGHT_LAYERS) else \
                 [(f"{name}.{n}" if n else name, m) for n, m in _weight_layers(module)]
             acts = [ActSite(n, m, "conv-input" if isinstance(m, nn.Conv2d) else "linear-input") for n, m in layers]
-            blocks.append(Block(name, module, [WeightSite(n, m) for n, m in layers], chained=False, act_sites=acts,
-                                output_act=fused.get(name)))
+            sites = [WeightSite(n, m, act=fused.get(n)) for n, m in layers]
+            bare = isinstance(module, WEIGHT_LAYERS)
+            blocks.append(Block(name, module, sites, chained=False, act_sites=acts,
+                                output_act=fused.get(name) if bare else None))
         return blocks

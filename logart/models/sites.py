@@ -7,6 +7,7 @@
                            rows, so the statistics are those of the channel groups averaged (exact for groups = 1)
     site.write(W_hat)      writes [out, in] back in the module's own shape and dtype
     site.role              what the weight does ("query", "key", "value", "qkv", "plain"), given by the adapter
+    site.act               the activation module its output goes straight into (ReLU6 after a conv), if any
 
 The engine (calib/, search/, rounding/) sees only sites, never module classes, so GPTQ, learned rounding and
 the search run unchanged on Linear, Conv2d and Embedding weights.
@@ -31,6 +32,8 @@ class WeightSite:
     name: str            # full module name in the model, e.g. "model.layers.3.self_attn.q_proj"
     module: nn.Module
     role: str = "plain"
+    act: nn.Module | None = None   # the activation applied straight to this weight's output (the original CNN fuses
+                                   # it into the layer; the layer-output search score matches the output after it)
 
     def __post_init__(self):
         if self.role not in ROLES:

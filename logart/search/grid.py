@@ -226,6 +226,8 @@ def fast(cb, rows: torch.Tensor, score, grid: Grid, ext: torch.Tensor | None = N
     proxy = score.proxy(C, config.rank) if hasattr(score, "proxy") else Proxy(torch.ones(1, C, device=rows.device))
     G = proxy.diag.shape[0]                                # chunks must hold whole output channels
     step = max(G, FAST_CHUNK_ELEMS // (C * (3 + config.rank)) // G * G)
+    if getattr(score, "whole_layer", False):              # a forward of the layer scores all its rows at once
+        step = R
     parts = [_fast_rows(cb, rows[i:i + step], score, grid, ext[i:i + step], config, baseline, proxy)
              for i in range(0, R, step)]
     arg, best, base = (torch.cat([p[i] for p in parts]) for i in range(3))

@@ -4,6 +4,10 @@ A score maps row errors `dW = Q - W` (rows view, [..., R, C]) to one number per 
 dimensions are candidates, so a whole batch of candidates is scored by one matmul.
 
 * `WeightSSE`: sum of dW^2 (data-free; the CNN/ViT `tensor_wise` objective).
+* `LayerOutputScore`: the squared error, per output channel, of the layer's output (after the activation that
+  follows it) on a few calibration inputs, against the full-precision network's output of that layer: the
+  original CNN pipeline's `layer_wise` search (spec §3.1). One forward of the layer per candidate; its proxy is
+  the Gram/Hessian score's, so the fast strategy screens candidates by H and scores its best few by forward.
 * `HessianScore(H)`: dW H dW^T per row, H = (2/N) sum x x^T over the layer's inputs, already damped by the
   caller. Grouped rows (C < C_in) use the diagonal block of H of their group: row r of a weight with
   G = C_in / C groups per output channel is group r % G. Per-tensor rows (C a multiple of C_in) sum the form
@@ -127,3 +131,36 @@ def top_eigen(h: torch.Tensor, r: int, iters: int = 4, oversample: int = 8) -> t
     lam, v = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))        # ascending
     lam, v = lam.flip(-1)[:, :r], v.flip(-1)[:, :, :r]
     return lam, q @ v
+
+
+class LayerOutputScore:
+    """Σ over samples and positions of (act(layer(x; W + dW)) - target)² per output channel (spec §3.1, CNN
+    `layer_wise`). `forward(W_hat)` runs the layer with the weight matrix W_hat [O, C] on the search inputs and
+    returns its output after the activation, channels on `channel_dim`; `target` is the full-precision
+    network's. `fallback`: the score whose proxy screens candidates (HessianScore of the layer's inputs, or
+    WeightSSE). Rows must be whole output channels: the error of one channel depends on its whole row only."""
+
+    name = "output"
+    whole_layer = True    # the search must pass every row at once (each call is a forward of the whole layer)
+
+    def __init__(self, forward, W: torch.Tensor, target: torch.Tensor, channel_dim: int = 1, fallback=None):
+        self.forward, self.W, self.target, self.channel_dim = forward, W, target, channel_dim
+        self.fallback = fallback if fallback is not None else WeightSSE()
+
+    @torch.no_grad()
+    def __call__(self, dw: torch.Tensor) -> torch.Tensor:
+        if tuple(dw.shape[-2:]) != tuple(self.W.shape):
+            raise LogartError(f"the layer-output score needs whole output channels as rows ({tuple(self.W.shape)}), "
+                              f"got rows of shape {tuple(dw.shape[-2:])}.",
+                              "use per-channel quantization (group size -1) with --score output.")
+        flat = dw.reshape(-1, *self.W.shape)
+        out = torch.empty(flat.shape[0], self.W.shape[0], dtype=torch.float32, device=dw.device)
+        for i in range(flat.shape[0]):    # one forward per candidate bounds the memory by one layer output
+            err = (self.forward(self.W + flat[i]) - self.target).movedim(self.channel_dim, 0)
+            out[i] = err.reshape(err.shape[0], -1).pow(2).sum(1)
+        return out.view(dw.shape[:-1])
+
+    def proxy(self, cols: int, rank: int = 8) -> Proxy:
+        """The fallback's proxy, never exact for this score (so the fast search scores its best few exactly)."""
+        p = self.fallback.proxy(cols, rank) if hasattr(self.fallback, "proxy") else Proxy(torch.ones(1, cols))
+        return Proxy(diag=p.diag, lowrank=p.lowrank, exact=False)
