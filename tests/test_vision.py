@@ -120,6 +120,8 @@ def test_explicit_options_beat_the_cnn_defaults():
     cnn, vit = vision_recipe("brecq").reconstruction, vision_recipe("brecq", family="vit").reconstruction
     assert (cnn.forward, cnn.reduce) == ("soft", "position")    # the original CNN pipeline's AdaRound
     assert (vit.forward, vit.reduce) == ("hard", "sample")
+    assert vision_recipe("logart").search.score == vision_recipe("logart-fast").search.score == "output"
+    assert vision_recipe("logart", family="vit").search.score == "hessian"
     assert vision_recipe("logart", recon_forward="hard").reconstruction.forward == "hard"
 
 
