@@ -408,3 +408,19 @@ def test_the_layer_output_score_needs_whole_channels_and_a_full_precision_networ
     result = logart.quantize(lm, "logart-fast", calib, bits=4, progress=False, log=None, nsamples=4, seqlen=16,
                              score="output")    # an LM carries its full-precision stream through block copies
     assert result.layers
+
+
+def test_cli_flags_reach_the_cnn_recipe():
+    import functools
+
+    from logart.cli import _recipe_from, build_parser
+
+    parser, make = build_parser(), functools.partial(vision_recipe, family="cnn")
+    quantize = ["quantize", "--model", "mobilenetv2", "--bits", "4"]
+    default = _recipe_from(parser.parse_args(quantize), make=make)
+    assert (default.search.score, default.reconstruction.forward, default.reconstruction.reduce) == \
+        ("output", "soft", "position")
+    chosen = _recipe_from(parser.parse_args([*quantize, "--score", "hessian", "--recon-forward", "hard",
+                                             "--recon-reduce", "sample"]), make=make)
+    assert (chosen.search.score, chosen.reconstruction.forward, chosen.reconstruction.reduce) == \
+        ("hessian", "hard", "sample")
