@@ -288,6 +288,10 @@ class Recipe:
                 applied.append(self._apply(rule))
             except LogartError as e:
                 raise LogartError(f"override {rule.pattern!r}: {e.problem}", e.fix) from None
+        if self.search.score == "output" and self.calibration.fp_target:
+            raise LogartError(f"recipe {self.name!r} has both the layer-output search score and full-precision "
+                              "targets; the layer-output score already measures against the full-precision network.",
+                              "drop --fp-target (or pass --fp-target 0), or use --score hessian.")
         if self.rounding.attention_aware and not any(r.rounding.method.learns for r in (self, *applied)):
             raise LogartError(f"attention-aware rounding weighs learned rounding, but recipe {self.name!r} rounds "
                               f"with {self.rounding.method!r}.", "use --recipe logart (or --rounding gptq+llr / llr).")

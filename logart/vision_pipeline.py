@@ -33,7 +33,7 @@ ORIGINAL_SCHEDULE = dict(reconstruct="block", recon_iters=2000, recon_batch=32, 
 # On CNNs the original's AdaRound forward too: the block runs on the soft weights, and the loss sums channels
 # and averages positions (BRECQ's). On MobileNetV2 blocks 14-16 (2000 iterations, 128 photos) the
 # straight-through forward fitted the calibration photos and lost on held-out ones: relative output error
-# 0.0124 held out against 0.0070 with the soft forward (docs/RESULTS.md).
+# 0.0125 held out against 0.0071 with the soft forward (bench/cnn_recon_forward.py, docs/RESULTS.md).
 CNN_RECONSTRUCTION = dict(ORIGINAL_SCHEDULE, recon_forward="soft", recon_reduce="position")
 CNN_DEFAULTS = {
     # The original's layer_wise search: on MobileNetV2 W4 the search alone keeps 86.7 % top-1 agreement with it

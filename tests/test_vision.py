@@ -403,6 +403,8 @@ def test_the_layer_output_score_needs_whole_channels_and_a_full_precision_networ
     with pytest.raises(LogartError, match="group size"):
         logart.quantize(model, vision_recipe("logart-fast", bits=4, group_size=4, score="output"), x,
                         progress=False, log=None, adapter=CNN(example=x[:2]))
+    with pytest.raises(LogartError, match="full-precision targets"):
+        logart.make_recipe("logart-fast", score="output", fp_target=0.25)
     lm = tiny_causal_lm("llama")
     calib = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     result = logart.quantize(lm, "logart-fast", calib, bits=4, progress=False, log=None, nsamples=4, seqlen=16,

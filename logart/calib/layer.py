@@ -63,7 +63,7 @@ def search_score(site, cb, W, H, recipe, outputs=None):
     """The search's score for this site: its layer-output error on `outputs` = (search inputs, full-precision
     target) for score "output", Δw H Δwᵀ for "hessian" when there are statistics, the weight SSE otherwise."""
     hessian = HessianScore(H) if H is not None else None
-    if recipe.search.score != "output":
+    if recipe.search.score != "output" or H is None:   # a site without input statistics is scored data-free
         return hessian if (hessian is not None and recipe.search.score == "hessian") else WeightSSE()
     if outputs is None:
         raise LogartError(f"{site.name}: the layer-output search score needs the full-precision network beside the "
