@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from logart.data.bos import CHOICES as BOS_CHOICES
 from logart.errors import LogartError
-from logart.recipes import PRESETS, Override, make_recipe
+from logart.recipes import PRESETS, SCORES, Override, make_recipe
 
 BOS_HELP = ("start every calibration and evaluation window with the BOS token: auto (default) follows the model's "
             "convention (its tokenizer; a GGUF file's tokenizer.ggml.add_bos_token), yes, no")
@@ -79,7 +79,7 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "position: it sums channels and averages positions (BRECQ's CNN loss, the default on CNNs)")
     p.add_argument("--qdrop", type=float, metavar="P",
                    help="QDrop: each reconstruction input element is the full-precision one with probability P")
-    p.add_argument("--score", choices=["hessian", "weight", "output"],
+    p.add_argument("--score", choices=SCORES,
                    help="what the codebook search minimises per row: hessian (Δw H Δwᵀ of the layer's inputs, "
                         "default), weight (data-free weight error) or output (vision models: the layer's output "
                         "error after its activation against the full-precision network, on 32 inputs; the "

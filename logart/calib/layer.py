@@ -66,8 +66,9 @@ def search_score(site, cb, W, H, recipe, outputs=None):
     if recipe.search.score != "output" or H is None:   # a site without input statistics is scored data-free
         return hessian if (hessian is not None and recipe.search.score == "hessian") else WeightSSE()
     if outputs is None:
-        raise LogartError(f"{site.name}: the layer-output search score needs the full-precision network beside the "
-                          "quantized one (vision models: CNNs and ViTs).", "use --score hessian for this model.")
+        raise LogartError(f"{site.name}: the layer-output search score needs the layer's search inputs and its "
+                          "full-precision output, and none were given.",
+                          "quantize through the block driver (logart.quantize), or use --score hessian.")
     if cb.spec.group_size != -1:
         raise LogartError(f"{site.name}: the layer-output search score scores whole output channels, and this "
                           f"recipe quantizes by group size {cb.spec.group_size}.",

@@ -148,7 +148,6 @@ class CNN(CalledOnTensors):
                 [(f"{name}.{n}" if n else name, m) for n, m in _weight_layers(module)]
             acts = [ActSite(n, m, "conv-input" if isinstance(m, nn.Conv2d) else "linear-input") for n, m in layers]
             sites = [WeightSite(n, m, act=fused.get(n)) for n, m in layers]
-            bare = isinstance(module, WEIGHT_LAYERS)
-            blocks.append(Block(name, module, sites, chained=False, act_sites=acts,
-                                output_act=fused.get(name) if bare else None))
+            # `fused` names weight layers only, so only a bare conv / linear block gets an output activation
+            blocks.append(Block(name, module, sites, chained=False, act_sites=acts, output_act=fused.get(name)))
         return blocks
