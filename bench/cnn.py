@@ -76,6 +76,10 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=1024, help="calibration images")
     ap.add_argument("--eval-views", type=int, default=5)
     ap.add_argument("--calib-views", type=int, default=1, help="views of each calibration photo")
+    ap.add_argument("--first-last-bits", type=int, help="keep the first conv and the last linear at these bits "
+                    "(BRECQ: 8); default: quantized like the rest (the original)")
+    ap.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                    help="precision of the cached block inputs (float16: half the memory)")
     ap.add_argument("--act-bits", type=int, nargs="*", default=[],
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -92,6 +96,7 @@ def main() -> int:
                 recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
                                      eval_views=args.eval_views, calib_views=args.calib_views,
+                                     cache_dtype=args.cache_dtype, first_last_bits=args.first_last_bits,
                                      threads=args.threads, progress=False,
                                      results=str(Path(args.out).with_suffix(".csv")), tag="bench-cnn")
                 row = run_vision(recipe, opts)

@@ -139,6 +139,9 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
     p.add_argument("--first-last-bits", type=int, metavar="BITS",
                    help="vision models: keep the first conv and the last linear layer at BITS (BRECQ: 8, uniform); "
                         "default: quantized like the rest, as the original does")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                   help="vision models: the precision of the cached block inputs and reconstruction targets; "
+                        "float16 halves that memory (each batch still runs in float32), e.g. for --calib-views 4")
     p.add_argument("--calib-views", type=int, default=1,
                    help="vision models: views of each calibration photo (centre, mirror, random crops; default 1: "
                         "the centre only), e.g. 4 for 4 x 128 calibration inputs")
@@ -195,7 +198,7 @@ def cmd_quantize_vision(args):
                          calib="photos" if args.calib == llm.calib else args.calib,
                          eval="photos-eval" if args.eval == llm.eval else args.eval, nsamples=args.nsamples,
                          eval_views=args.eval_views, calib_views=args.calib_views,
-                         first_last_bits=args.first_last_bits, output=args.output,
+                         cache_dtype=args.cache_dtype, first_last_bits=args.first_last_bits, output=args.output,
                          results=args.results, tag=args.tag, overwrite=args.overwrite, threads=args.threads,
                          seed=args.seed, progress=not args.quiet)
     run_vision(_recipe_from(args, make=functools.partial(vision_recipe, family=family_of(args.model))), opts)

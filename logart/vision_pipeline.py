@@ -27,6 +27,8 @@ import torch
 
 from logart.recipes import Override, Recipe, make_recipe
 
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
 # The original pipelines' reconstruction schedule (LogART-CNN main.py, spec §5; the ViT's too, spec §6).
 ORIGINAL_SCHEDULE = dict(reconstruct="block", recon_iters=2000, recon_batch=32, recon_lr=0.05,
                          recon_lr_min_ratio=0.3, recon_reg=1.0)
@@ -75,6 +77,7 @@ class VisionOptions:
     calib_views: int = 1                # views per calibration photo (1: the centre view only)
     eval_limit: int | None = None       # at most this many evaluation images
     first_last_bits: int | None = None  # None: quantize them like the rest (the original); 8: BRECQ's choice
+    cache_dtype: str = "float32"        # the cached block inputs: float32, or float16 (half the memory)
     output: str | None = None
     results: str | None = None
     tag: str | None = None
@@ -137,6 +140,9 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
 
     from logart.allocator import keep_freed_memory
 
+    if opts.cache_dtype not in CACHE_DTYPES:
+        from logart.errors import LogartError
+        raise LogartError(f"unknown cache dtype {opts.cache_dtype!r}.", f"use one of {', '.join(CACHE_DTYPES)}.")
     keep_freed_memory()   # block reconstruction allocates the same activations every iteration
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -153,7 +159,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     reference = logits(vm.model, x_eval)
     t0 = time.perf_counter()
     blocks = []
-    adapter = vision_adapter(vm.name, x_calib[:2])
+    adapter = vision_adapter(vm.name, x_calib[:2], cache_dtype=CACHE_DTYPES[opts.cache_dtype])
     n_blocks = None
 
     def on_block(index, seconds):
@@ -170,6 +176,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     row = {"tag": opts.tag, "date": now(), "model": vm.name, "pretrained": vm.pretrained, "recipe": recipe.to_dict(),
            "calib": opts.calib, "calib_views": opts.calib_views, "nsamples": int(x_calib.shape[0]), "eval": opts.eval,
            "eval_inputs": int(x_eval.shape[0]), "first_last_bits": opts.first_last_bits,
+           "cache_dtype": opts.cache_dtype,
            "quant_seconds": round(seconds, 1), "block_seconds": [round(s, 1) for s in blocks],
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
            "act_sites": len(result.activations),

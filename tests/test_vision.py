@@ -426,3 +426,50 @@ def test_cli_flags_reach_the_cnn_recipe():
                                              "--recon-reduce", "sample"]), make=make)
     assert (chosen.search.score, chosen.reconstruction.forward, chosen.reconstruction.reduce) == \
         ("hessian", "hard", "sample")
+
+
+def test_a_half_precision_cache_holds_block_inputs_in_float16_and_runs_them_in_float32():
+    from logart.models.capture import capture_inputs
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x = torch.randn(10, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    full = capture_inputs(model, model.body, x, batch_size=4).hidden
+    half = capture_inputs(model, model.body, x, batch_size=4, dtype=torch.float16).hidden
+    assert half.dtype == torch.float16 and half.shape == full.shape
+    assert torch.equal(half, full.half())      # batches written in order, none lost at the ragged end
+    adapter = CNN(example=x[:2])
+    adapter.cache_dtype = torch.float16
+    block = adapter.plan(model)[1]
+    y = adapter.run(block, half, {})
+    assert y.dtype == torch.float32
+
+
+def test_a_half_precision_cache_quantizes_a_tiny_cnn_as_the_float32_cache_does():
+    recipe = vision_recipe("logart", bits=3, recon_iters=30, recon_batch=8)
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        model = TinyNet().eval()
+        adapter = CNN(example=x[:2])
+        adapter.cache_dtype = dtype
+        result = logart.quantize(model, recipe, x, progress=False, log=None, adapter=adapter)
+        assert any("reconstruct" in r.extra for r in result.layers)
+        with torch.no_grad():
+            outputs[dtype] = model(x)
+    # The same codebooks and nearly the same rounding: the cache's rounding error (2^-11 relative) is far below
+    # the 3-bit weights' own.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        fp = TinyNet().eval()(x)
+    err = {d: float((o - fp).pow(2).sum() / fp.pow(2).sum()) for d, o in outputs.items()}
+    assert err[torch.float16] <= 1.5 * err[torch.float32] + 1e-6
+    assert agreement(outputs[torch.float32], outputs[torch.float16]) >= 90
+
+
+def test_an_unknown_cache_dtype_is_one_clear_error_before_any_work():
+    from logart.vision_pipeline import VisionOptions, run_vision
+
+    with pytest.raises(LogartError, match="cache dtype 'bfloat8'.*float16"):
+        run_vision(vision_recipe("rtn", bits=4), VisionOptions(model="fashion-resnet", cache_dtype="bfloat8"))

@@ -143,6 +143,18 @@ class BlockReconstruction:
         return [slice(i, min(i + self.config.batch, n)) for i in range(0, n, self.config.batch)]
 
     @torch.no_grad()
+    def _targets(self, fp_call, x_fp: torch.Tensor) -> torch.Tensor:
+        """The full-precision block's outputs, kept in the precision of its cached inputs (a half-precision cache
+        stays half)."""
+        targets = None
+        for c in self._chunks(x_fp.shape[0]):
+            y = fp_call(x_fp[c])
+            if targets is None:
+                targets = torch.empty((x_fp.shape[0], *y.shape[1:]), dtype=x_fp.dtype)
+            targets[c] = y
+        return targets
+
+    @torch.no_grad()
     def _error(self, call, inputs, targets) -> float:
         """Σ over samples of the per-sample output MSE, Hessian-weighted with that loss (in batches)."""
         kind = "hessian" if self.weights is not None else "mse"
@@ -155,8 +167,7 @@ class BlockReconstruction:
         call = _Call(driver.adapter, block, kwargs)
         fp_call = _Call(driver.adapter, type(block)(block.name, fp_module, []), kwargs)
         x_fp = fp_inputs if fp_inputs is not None else inputs
-        with torch.no_grad():
-            targets = torch.cat([fp_call(x_fp[c]) for c in self._chunks(x_fp.shape[0])])
+        targets = self._targets(fp_call, x_fp)
         softs = self._soft_weights(driver, block, chosen, fp_module)
         if not softs:
             return

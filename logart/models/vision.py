@@ -148,13 +148,17 @@ def family_of(name) -> str:
     return "vit" if str(name).lower() in VIT_MODELS else "cnn"
 
 
-def vision_adapter(name, example: torch.Tensor):
-    """The engine's adapter for the named model."""
+def vision_adapter(name, example: torch.Tensor, cache_dtype: torch.dtype = torch.float32):
+    """The engine's adapter for the named model; `cache_dtype`: the precision of its cached block inputs
+    (models/capture.py)."""
     if family_of(name) == "vit":
         from logart.models.vit import TimmViT
-        return TimmViT()
-    from logart.models.cnn import CNN
-    return CNN(example=example)
+        adapter = TimmViT()
+    else:
+        from logart.models.cnn import CNN
+        adapter = CNN(example=example)
+    adapter.cache_dtype = cache_dtype
+    return adapter
 
 
 def is_vision_model(name) -> bool:
