@@ -168,7 +168,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         blocks.append(seconds)
         left = (n_blocks - index - 1) * (time.perf_counter() - t0) / (index + 1)
         log(f"block {index + 1}/{n_blocks} done in {seconds:.1f} s; elapsed {time.perf_counter() - t0:.0f} s, "
-            f"ETA {left:.0f} s")
+            f"ETA {left:.0f} s; peak RSS {peak_rss_gb():.2f} GB")
 
     result = quantize(vm.model, recipe, x_calib if recipe.needs_calibration else x_calib[:2], progress=opts.progress,
                       log=None, adapter=adapter, on_block_done=on_block)
