@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_json  # noqa: E402
 
-from logart.vision_pipeline import VisionOptions, run_vision, vision_recipe  # noqa: E402
+from logart.vision_pipeline import CACHE_DTYPES, VisionOptions, run_vision, vision_recipe  # noqa: E402
 
 # (model, bits) -> the largest accepted top-1 drop of logart, in points (issue #15)
 DROP_TARGETS = {("fashion-resnet", 4): 0.3, ("fashion-resnet", 3): 1.0, ("fashion-resnet", 2): 3.0,
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--calib-views", type=int, default=1, help="views of each calibration photo")
     ap.add_argument("--first-last-bits", type=int, help="keep the first conv and the last linear at these bits "
                     "(BRECQ: 8); default: quantized like the rest (the original)")
-    ap.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+    ap.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), default="float32",
                     help="precision of the cached block inputs (float16: half the memory)")
     ap.add_argument("--act-bits", type=int, nargs="*", default=[],
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
