@@ -57,8 +57,10 @@ def checks(rows: list[dict]) -> list[dict]:
 
 
 def _option(kv: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as a number where it is one."""
+    """KEY=VALUE with VALUE read as a number where it is one, true / false as a bool."""
     key, _, value = kv.partition("=")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
     for cast in (int, float):
         try:
             return key, cast(value)

@@ -61,6 +61,10 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                    help="every layer moves a fraction ALPHA (default 0.25) toward the full-precision model's output "
                         "on the full-precision inputs, so it also corrects the error of the blocks before it "
                         "(statistics gathered group by group; about 1.2x the quantization time of the logart recipe)")
+    p.add_argument("--bias-correction", action="store_true", default=None,
+                   help="after each block is quantized, every bias absorbs the mean shift of its layer's output "
+                        "from the full-precision network's, per output channel (Nagel et al. 2019; layers with a "
+                        "bias only, e.g. convs with BatchNorm folded in; a few forwards per block)")
     p.add_argument("--reconstruct", choices=["none", "block"],
                    help="block: after each block's layers are quantized, learn the rounding of all its weights "
                         "together against the block's full-precision output (BRECQ; on SmolLM2 one "
@@ -155,7 +159,7 @@ def _recipe_from(args, make=make_recipe):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "score", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
+    for name in ("rounding", "search", "score", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target", "bias_correction",
                  "reconstruct", "recon_iters", "recon_loss", "recon_forward", "recon_reduce", "qdrop", "act_bits", "act_method",
                  "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
         if getattr(args, name) is not None:

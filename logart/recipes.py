@@ -154,6 +154,7 @@ class CalibrationConfig:
     seed: int = 0
     damp: float = 0.01               # H += damp * mean(diag H) * I
     fp_target: float = 0.0           # α > 0: layers move toward the full-precision model's outputs (calib/hessian.py)
+    bias_correction: bool = False    # each block's biases absorb their outputs' mean shift (calib/bias.py)
 
     def __post_init__(self):
         if not 0.0 <= self.fp_target <= 1.0:
@@ -241,7 +242,7 @@ FLAT = {"dbs": ("search", "dbs"), "sfs": ("search", "sfs"), "search": ("search",
         "score": ("search", "score"), "abs_per_row": ("search", "abs_per_row"),
         "rounding": ("rounding", "method"), **{k: ("rounding", k) for k in (
             "act_order", "llr_iters", "llr_lr", "llr_lambda", "llr_lambda_qkv", "attention_aware")},
-        **{k: ("calibration", k) for k in ("nsamples", "seqlen", "seed", "damp", "fp_target")},
+        **{k: ("calibration", k) for k in ("nsamples", "seqlen", "seed", "damp", "fp_target", "bias_correction")},
         "reconstruct": ("reconstruction", "kind"), "recon_iters": ("reconstruction", "iters"),
         "recon_loss": ("reconstruction", "loss"), "qdrop": ("reconstruction", "qdrop"),
         "recon_forward": ("reconstruction", "forward"), "recon_batch": ("reconstruction", "batch"),
@@ -350,7 +351,8 @@ class Recipe:
         """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
         single candidate with RTN is data-free."""
         own = (self.search.score != "weight" and self.searches) or self.rounding.method != Rounding.RTN \
-            or self.reconstruction.kind != "none" or self.activations.bits is not None
+            or self.reconstruction.kind != "none" or self.activations.bits is not None \
+            or self.calibration.bias_correction
         return own or any(self._apply(r).needs_calibration for r in self.overrides)
 
     def to_dict(self) -> dict:

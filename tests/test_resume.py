@@ -60,3 +60,19 @@ def test_different_arguments_are_refused(tmp_path, monkeypatch):
         _run(tmp_path, "logart-fast", monkeypatch, kill_after_block=0)
     with pytest.raises(LogartError, match="different settings.*recipe"):
         _run(tmp_path, "logart", monkeypatch)
+
+
+def test_resume_restores_the_biases_that_bias_correction_moved(tmp_path, monkeypatch):
+    def model():
+        return tiny_causal_lm("llama", seed=0, attention_bias=True, mlp_bias=True)
+
+    plain = _run(tmp_path / "plain", "logart-fast", monkeypatch, model=model())
+    reference = _run(tmp_path / "ref", "logart-fast", monkeypatch, model=model(), bias_correction=True)
+    moved = [k for k in reference if k.endswith(".bias") and not torch.equal(reference[k], plain[k])]
+    assert moved
+    work = tmp_path / "work"
+    with pytest.raises(Interrupt):
+        _run(work, "logart-fast", monkeypatch, model=model(), kill_after_block=0, bias_correction=True)
+    final = _run(work, "logart-fast", monkeypatch, model=model(), bias_correction=True)
+    for k in reference:
+        assert torch.equal(final[k], reference[k]), k

@@ -426,6 +426,8 @@ def test_cli_flags_reach_the_cnn_recipe():
                                              "--recon-reduce", "sample"]), make=make)
     assert (chosen.search.score, chosen.reconstruction.forward, chosen.reconstruction.reduce) == \
         ("hessian", "hard", "sample")
+    assert not default.calibration.bias_correction
+    assert _recipe_from(parser.parse_args([*quantize, "--bias-correction"]), make=make).calibration.bias_correction
 
 
 def test_a_half_precision_cache_holds_block_inputs_in_float16_and_runs_them_in_float32():
@@ -473,3 +475,45 @@ def test_an_unknown_cache_dtype_is_one_clear_error_before_any_work():
 
     with pytest.raises(LogartError, match="cache dtype 'bfloat8'.*float16"):
         run_vision(vision_recipe("rtn", bits=4), VisionOptions(model="fashion-resnet", cache_dtype="bfloat8"))
+
+
+def test_bias_correction_gives_the_quantized_network_the_full_precision_output_means():
+    """The last site (fc) is corrected last, on the quantized network's own inputs: its mean logits on the
+    calibration data then equal the full-precision network's, which plain rounding does not give."""
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    fp = TinyNet().eval()
+    with torch.no_grad():
+        target = fp(x).mean(0)
+    gaps = {}
+    for correct in (False, True):
+        torch.manual_seed(0)
+        model = TinyNet().eval()
+        recipe = vision_recipe("rtn", bits=3, bias_correction=correct)
+        assert recipe.needs_calibration == correct
+        logart.quantize(model, recipe, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+        with torch.no_grad():
+            gaps[correct] = float((model(x).mean(0) - target).abs().max())
+    assert gaps[True] < 1e-4 < gaps[False]
+
+
+def test_bias_correction_runs_after_block_reconstruction_and_is_packed(tmp_path):
+    from safetensors.torch import load_file
+
+    from logart.io.checkpoint import save_quantized
+
+    recipe = vision_recipe("logart", bits=3, recon_iters=10, recon_batch=8, bias_correction=True)
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    lines = []
+    result = logart.quantize(model, recipe, x, progress=False, log=lines.append, adapter=CNN(example=x[:2]))
+    assert any("bias correction of" in line for line in lines)
+    with torch.no_grad():
+        expected = model(x)
+    corrected = model.fc.bias.detach().clone()
+    save_quantized(model, tmp_path / "q", result.params, recipe, config={})   # packs in place
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    stored = {k: v for f in (tmp_path / "q").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert torch.equal(stored["fc.bias"], corrected)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from logart.calib.attention import AttentionObserver
+from logart.calib.bias import correct_biases
 from logart.calib.layer import quantize_site
 from logart.calib.record import LayerRecord
 from logart.calib.hooks import forward_until_seen
@@ -66,7 +67,8 @@ class BlockDriver:
         self.stream = _Stream()
         # The full-precision stream: the target of every site (full-precision targets) or of every block
         # (reconstruction).
-        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None or recipe.search.score == "output"
+        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None or recipe.search.score == "output" \
+            or recipe.calibration.bias_correction
         self.fp_model = None   # a full-precision copy, for adapters whose blocks are captured one by one
 
     def chosen_sites(self, block) -> dict:
@@ -144,8 +146,9 @@ class BlockDriver:
         layer_bar = tqdm(total=sum(s.numel for s, _ in chosen.values()), desc=block.name, unit="w",
                          unit_scale=True, leave=False, disable=not self.progress)
         bars = (bar, layer_bar)
-        self.block_records, self.block_params = [], {}
-        fp_block = copy.deepcopy(block.module) if (fp_inputs is not None or self.reconstruct) else None
+        self.block_records, self.block_params, self.block_biases = [], {}, {}
+        fp_block = copy.deepcopy(block.module) if (fp_inputs is not None or self.reconstruct
+                                                   or self.recipe.calibration.bias_correction) else None
         if self.activations is not None and inputs is not None:   # after the copy: it stays full precision
             self.activations.calibrate(run, block, inputs)
         if inputs is None or not calibrated:
@@ -165,6 +168,8 @@ class BlockDriver:
         layer_bar.close()
         if self.reconstruct is not None and inputs is not None and calibrated:
             self.reconstruct(self, block, chosen, inputs, kwargs, fp_inputs, fp_block)
+        if self.recipe.calibration.bias_correction and inputs is not None:
+            self.correct_biases(block, chosen, kwargs, (inputs, fp_inputs, fp_block))
         if block.chained and inputs is not None:
             self.stream.inputs = propagate(run, inputs)
             if fp_inputs is not None:
@@ -207,6 +212,21 @@ class BlockDriver:
                                       groups=[list(wanted)]) if wanted else {}
             self.quantize_sites(group, chosen, hessians, observer.factors() if (observer and g == 0) else {}, bars)
 
+    def correct_biases(self, block, chosen, kwargs, streams) -> None:
+        """Empirical bias correction of the block's sites (calib/bias.py), after their rounding and reconstruction:
+        each bias absorbs its output's mean shift from the full-precision network's."""
+        inputs, fp_inputs, fp_block = streams
+        fp_run = functools.partial(self.adapter.run, replace(block, module=fp_block), kwargs=kwargs)
+        sites = {n: s.module for n, (s, _) in chosen.items() if s.takes_inputs}
+        fp_sites = {n: fp_block.get_submodule(_relative(n, block.name)) for n in sites}
+        shifts = correct_biases(functools.partial(self.adapter.run, block, kwargs=kwargs), fp_run, sites, fp_sites,
+                                inputs, inputs if fp_inputs is None else fp_inputs)
+        self.block_biases = {n: sites[n].bias for n in shifts}
+        if self.log and shifts:
+            worst = max(shifts, key=shifts.get)
+            self.log(f"{block.name}: bias correction of {len(shifts)} sites; largest shift {shifts[worst]:.3g} of "
+                     f"the largest bias ({worst})")
+
     def restore(self, plan) -> int:
         """Blocks finished by an interrupted run, written back from the state; the index to continue from."""
         if self.state is None or not self.state.done:
@@ -230,7 +250,7 @@ class BlockDriver:
         if self.state is not None:
             weights = {n: self.model.get_submodule(n).weight for n in self.block_params}
             self.state.commit_block(index, weights, self.block_params, [r.to_dict() for r in self.block_records],
-                                    self.stream.inputs, self.stream.fp_inputs)
+                                    self.stream.inputs, self.stream.fp_inputs, self.block_biases)
         if self.streamer is not None and block.chained:
             self.streamer.done(block.name, self.block_params)
 

@@ -75,6 +75,8 @@ class RunState:
             block_params = {}
             for name in names:
                 model.get_submodule(name).weight.data.copy_(saved[f"{name}.weight"])
+                if f"{name}.bias" in saved:   # moved by bias correction
+                    model.get_submodule(name).bias.data.copy_(saved[f"{name}.bias"])
                 codebook = codebook_of(name)
                 fields = {f.name: saved[f"{name}.param.{f.name}"] for f in dataclasses.fields(codebook.params_type)}
                 block_params[name] = (codebook, codebook.params_type(**fields))
@@ -86,8 +88,9 @@ class RunState:
         return params, inputs
 
     def commit_block(self, block: int, weights: dict, params: dict, records: list[dict], inputs,
-                     fp_inputs=None) -> None:
+                     fp_inputs=None, biases=None) -> None:
         tensors = {f"{n}.weight": w.detach().cpu() for n, w in weights.items()}
+        tensors.update({f"{n}.bias": b.detach().cpu() for n, b in (biases or {}).items()})
         for n, (_, p) in params.items():
             tensors.update({f"{n}.param.{f.name}": getattr(p, f.name).detach().cpu() for f in dataclasses.fields(p)})
         _atomic_save(tensors, self.folder / f"block-{block:04d}.safetensors")
