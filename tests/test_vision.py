@@ -517,3 +517,17 @@ def test_bias_correction_runs_after_block_reconstruction_and_is_packed(tmp_path)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     stored = {k: v for f in (tmp_path / "q").glob("*.safetensors") for k, v in load_file(str(f)).items()}
     assert torch.equal(stored["fc.bias"], corrected)
+
+
+def test_output_means_are_per_channel_means_over_ragged_batches():
+    from logart.calib.bias import output_means
+
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(3, 5, 3), nn.Linear(5, 4)
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(2), nn.Conv1d(5, 5, 1), nn.Flatten(1, 1))
+    x = torch.randn(7, 3, 6, 6)
+    means = output_means(lambda b: lin(net(b).transpose(1, 2)), {"conv": conv, "lin": lin}, x, batch=3)
+    with torch.no_grad():
+        y = conv(x)
+        torch.testing.assert_close(means["conv"], y.mean((0, 2, 3)))
+        torch.testing.assert_close(means["lin"], lin(net(x).transpose(1, 2)).mean((0, 1)))

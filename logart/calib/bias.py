@@ -19,15 +19,12 @@ from torch import nn
 
 from logart.calib.hooks import StopForward
 
-BATCH = 32   # inputs per forward of the mean passes
-
-
 def _channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 @torch.no_grad()
-def output_means(run, modules: dict[str, nn.Module], inputs: torch.Tensor, batch: int = BATCH) -> dict:
+def output_means(run, modules: dict[str, nn.Module], inputs: torch.Tensor, batch: int) -> dict:
     """{name: the mean of the module's output per output channel} over `inputs`, running `run` batch by batch
     and stopping each forward once every module has produced its output."""
     sums: dict[str, torch.Tensor] = {}
@@ -61,19 +58,20 @@ def output_means(run, modules: dict[str, nn.Module], inputs: torch.Tensor, batch
 
 @torch.no_grad()
 def correct_biases(run, fp_run, sites: dict[str, nn.Module], fp_sites: dict[str, nn.Module], inputs: torch.Tensor,
-                   fp_inputs: torch.Tensor) -> dict[str, float]:
+                   fp_inputs: torch.Tensor, batch: int = 1) -> dict[str, float]:
     """Shift the bias of every site of `sites` ({name: module, forward order}) that has one by the full-precision
-    output mean (`fp_sites`, run by `fp_run` on `fp_inputs`) minus its own (run by `run` on `inputs`).
+    output mean (`fp_sites`, run by `fp_run` on `fp_inputs`) minus its own (run by `run` on `inputs`), `batch`
+    inputs per forward.
     Returns {name: the largest |shift| relative to the largest |bias|} of the corrected sites."""
     with_bias = {n: m for n, m in sites.items() if getattr(m, "bias", None) is not None}
     if not with_bias:
         return {}
-    targets = output_means(fp_run, {n: fp_sites[n] for n in with_bias}, fp_inputs)
+    targets = output_means(fp_run, {n: fp_sites[n] for n in with_bias}, fp_inputs, batch)
     shifts = {}
     for name, module in with_bias.items():
         if name not in targets:   # never called by the block: nothing to measure
             continue
-        mean = output_means(run, {name: module}, inputs)[name]
+        mean = output_means(run, {name: module}, inputs, batch)[name]
         shift = (targets[name] - mean).to(module.bias.dtype)
         module.bias.add_(shift)
         shifts[name] = float(shift.abs().max() / module.bias.abs().max().clamp_min(1e-12))

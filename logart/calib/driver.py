@@ -220,7 +220,8 @@ class BlockDriver:
         sites = {n: s.module for n, (s, _) in chosen.items() if s.takes_inputs}
         fp_sites = {n: fp_block.get_submodule(_relative(n, block.name)) for n in sites}
         shifts = correct_biases(functools.partial(self.adapter.run, block, kwargs=kwargs), fp_run, sites, fp_sites,
-                                inputs, inputs if fp_inputs is None else fp_inputs)
+                                inputs, inputs if fp_inputs is None else fp_inputs,
+                                batch=getattr(self.adapter, "batch_size", 1))   # the adapter's capture batch
         self.block_biases = {n: sites[n].bias for n in shifts}
         if self.log and shifts:
             worst = max(shifts, key=shifts.get)
