@@ -86,6 +86,8 @@ def main() -> int:
                     help="also run every recipe with activations at these bits (e.g. 4: W4A4)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="recipe options for every recipe of the run, e.g. score=output or recon_forward=hard")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sample and reconstruction seed (the "
+                    "evaluation views stay the same)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cnn.json"))
     args = ap.parse_args()
@@ -94,12 +96,13 @@ def main() -> int:
     for model in args.models:
         for bits, act_bits in [(b, None) for b in args.bits] + [(b, a) for b in args.bits for a in args.act_bits]:
             for name in args.recipes:
-                options = {**({"recon_iters": args.iters} if name in ("brecq", "logart") else {}), **extra}
+                options = {**({"recon_iters": args.iters} if name in ("brecq", "logart") else {}), "seed": args.seed,
+                           **extra}
                 recipe = vision_recipe(name, bits=bits, act_bits=act_bits, **options)
                 opts = VisionOptions(model=model, calib="photos", eval="photos-eval", nsamples=args.nsamples,
                                      eval_views=args.eval_views, calib_views=args.calib_views,
                                      cache_dtype=args.cache_dtype, first_last_bits=args.first_last_bits,
-                                     threads=args.threads, progress=False,
+                                     threads=args.threads, seed=args.seed, progress=False,
                                      results=str(Path(args.out).with_suffix(".csv")), tag="bench-cnn")
                 row = run_vision(recipe, opts)
                 rows.append({"model": model, "bits": bits, "act_bits": act_bits, "recipe_name": name,

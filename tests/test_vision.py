@@ -325,7 +325,7 @@ def test_calibration_views_multiply_the_photos(tmp_path):
     from PIL import Image
 
     from logart.models.vision import VisionModel
-    from logart.vision_pipeline import VisionOptions, calibration_images
+    from logart.vision_pipeline import VisionOptions, calibration_images, evaluation_images
 
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -336,6 +336,11 @@ def test_calibration_views_multiply_the_photos(tmp_path):
     assert one.shape == (3, 3, 32, 32) and four.shape == (12, 3, 32, 32)
     torch.testing.assert_close(four[0], one[0])                       # the first view is the centre view
     torch.testing.assert_close(four[1], one[0].flip(-1))              # then its mirror
+    # the seed draws other random crops for calibration, never other evaluation views
+    other = calibration_images(vm, VisionOptions(calib=str(tmp_path), calib_views=4, seed=1))
+    assert torch.equal(other[:2], four[:2]) and not torch.equal(other, four)
+    evals = [evaluation_images(vm, VisionOptions(eval=str(tmp_path), seed=s))[0] for s in (0, 1)]
+    assert torch.equal(*evals)
 
 
 def test_sites_know_the_activation_they_feed():
