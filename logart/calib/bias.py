@@ -19,8 +19,10 @@ from torch import nn
 
 from logart.calib.hooks import StopForward
 
+
 def _channel_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+    """Convolutions put output channels at dim 1 ([N, C, ...]); linear layers last ([..., C])."""
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
 
 
 @torch.no_grad()
