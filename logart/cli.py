@@ -159,9 +159,9 @@ def _recipe_from(args, make=make_recipe):
                  "hardware_approx": args.hardware_approx, "ignore": tuple(args.ignore),
                  "overrides": tuple(Override.parse(o) for o in args.override),
                  "quantize_lm_head": args.lm_head, "quantize_embeddings": args.embeddings}
-    for name in ("rounding", "search", "score", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target", "bias_correction",
-                 "reconstruct", "recon_iters", "recon_loss", "recon_forward", "recon_reduce", "qdrop", "act_bits", "act_method",
-                 "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
+    for name in ("rounding", "search", "score", "llr_iters", "sfs", "attention_aware", "abs_per_row", "fp_target",
+                 "bias_correction", "reconstruct", "recon_iters", "recon_loss", "recon_forward", "recon_reduce",
+                 "qdrop", "act_bits", "act_method", "act_softmax", "act_gelu", "act_softmax_bits", "act_search", "act_reparam"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook

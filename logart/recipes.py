@@ -347,13 +347,17 @@ class Recipe:
         return self.search.sfs or (self.search.dbs and self.codebook.method == "log_dynamic")
 
     @property
-    def needs_calibration(self) -> bool:
-        """Data is needed to score a search, to round or to reconstruct (by this recipe or by any override); a
-        single candidate with RTN is data-free."""
+    def quantizes_with_data(self) -> bool:
+        """The weights' quantization reads calibration statistics: to score a search, to round or to reconstruct
+        (by this recipe or by any override); a single candidate with RTN is data-free."""
         own = (self.search.score != "weight" and self.searches) or self.rounding.method != Rounding.RTN \
-            or self.reconstruction.kind != "none" or self.activations.bits is not None \
-            or self.calibration.bias_correction
-        return own or any(self._apply(r).needs_calibration for r in self.overrides)
+            or self.reconstruction.kind != "none" or self.activations.bits is not None
+        return own or any(self._apply(r).quantizes_with_data for r in self.overrides)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The run needs calibration data: for the quantization itself, or afterwards for bias correction."""
+        return self.quantizes_with_data or self.calibration.bias_correction
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -67,8 +67,8 @@ class BlockDriver:
         self.stream = _Stream()
         # The full-precision stream: the target of every site (full-precision targets) or of every block
         # (reconstruction).
-        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None or recipe.search.score == "output" \
-            or recipe.calibration.bias_correction
+        self.carries_fp = bool(recipe.calibration.fp_target) or reconstruct is not None \
+            or recipe.search.score == "output" or recipe.calibration.bias_correction
         self.fp_model = None   # a full-precision copy, for adapters whose blocks are captured one by one
 
     def chosen_sites(self, block) -> dict:
@@ -139,7 +139,8 @@ class BlockDriver:
         chosen = self.chosen_sites(block)
         inputs, kwargs, fp_inputs = self.inputs_for(index, block, chosen)
         run = functools.partial(self.adapter.run, block, kwargs=kwargs)
-        calibrated = {n: s for n, (s, eff) in chosen.items() if eff.needs_calibration and s.takes_inputs}
+        # sites whose own quantization reads statistics (bias correction alone needs the inputs, not H)
+        calibrated = {n: s for n, (s, eff) in chosen.items() if eff.quantizes_with_data and s.takes_inputs}
         observer = self.observer(block, chosen, kwargs) if inputs is not None else None
         # A site's time grows with its weight count, so the inner bar counts weights: its ETA holds across small
         # attention projections and large MLP ones.

@@ -126,7 +126,7 @@ class BlockReconstruction:
         around the site's full-precision weight and starting at the codebook's nearest level."""
         softs = {}
         for name, (site, eff) in chosen.items():
-            if name not in driver.block_params or not (site.takes_inputs and eff.needs_calibration):
+            if name not in driver.block_params or not (site.takes_inputs and eff.quantizes_with_data):
                 continue
             cb, params = driver.block_params[name]
             rel = name[len(block.name) + 1:] if name != block.name else ""

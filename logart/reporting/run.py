@@ -39,7 +39,7 @@ def recorded_recipe(recipe: dict):
 def needs_calibration(recipe: dict) -> bool:
     """Whether the recorded recipe calibrated (then loss_before/after are H-weighted, else weight errors)."""
     r = recorded_recipe(recipe)
-    return True if r is None else r.needs_calibration
+    return True if r is None else r.quantizes_with_data
 
 
 def block_of(name: str) -> int | None:
