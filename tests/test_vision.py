@@ -219,6 +219,19 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
         cfg_path.write_text(json.dumps(config, default=str))
 
 
+def test_fashion_training_works_under_no_grad(synthetic_fashion):
+    """A caller that loads the Fashion-MNIST model inside torch.no_grad() (as a measuring script does) still gets
+    a trained network: training turns autograd back on for itself."""
+    from logart.models import fashion
+
+    torch.manual_seed(0)
+    untrained = fashion.ARCHS["fashion-resnet"]().state_dict()
+    with torch.no_grad():
+        model, acc = fashion.train("fashion-resnet", fashion.TrainConfig(epochs=1, batch=32, threads=1), log=None)
+    assert 0.0 <= acc <= 100.0
+    assert any(not torch.equal(v, untrained[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+
+
 def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, synthetic_fashion, capsys):
     """`logart quantize --model fashion-resnet` end to end on synthetic Fashion-MNIST files (an untrained,
     cached network: the path, not the accuracy), then `logart eval` on the packed checkpoint."""

@@ -119,7 +119,8 @@ def train(name: str, cfg: TrainConfig | None = None, log=print) -> tuple[nn.Modu
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
+    # training needs autograd even when the caller loads the model under torch.no_grad()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(cfg.seed)
         model = ARCHS[name]()
         steps = cfg.epochs * (len(x) // cfg.batch)
