@@ -113,6 +113,30 @@ def test_a_tiny_cnn_runs_search_and_reconstruction(recipe):
     assert agree > 50
 
 
+def test_brecq_starts_from_a_searched_clipping_range():
+    """The vision `brecq` baseline initialises its uniform grid as BRECQ does, by a per-channel clipping search on
+    the weight error, not from min/max: before any reconstruction its weights are closer to the fp32 ones."""
+    for family in ("cnn", "vit"):
+        search = vision_recipe("brecq", family=family).search
+        assert (search.sfs, search.dbs, search.score) == (True, False, "weight")
+
+    def weight_error(recipe) -> float:
+        torch.manual_seed(0)
+        model = TinyNet().eval()
+        x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+        logart.quantize(model, recipe, x, progress=False, log=None, adapter=CNN(example=x[:2]))
+        torch.manual_seed(0)
+        folded = TinyNet().eval()
+        fold_batchnorm(folded, x[:2])
+        return sum(float((a.weight.detach() - b.weight.detach()).pow(2).sum()) for a, b in zip(
+            (m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))),
+            (m for m in folded.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))))
+
+    searched = weight_error(vision_recipe("brecq", bits=3, reconstruct="none"))
+    min_max = weight_error(vision_recipe("brecq", bits=3, reconstruct="none", sfs=False))
+    assert searched < min_max
+
+
 def test_explicit_options_beat_the_cnn_defaults():
     assert vision_recipe("logart", recon_iters=7).reconstruction.iters == 7
     assert vision_recipe("logart").reconstruction.iters == 2000
