@@ -33,12 +33,12 @@ METHODS = ("uniform", "log2", "log_sqrt2", "log_dynamic")
 
 
 @torch.no_grad()
-def layer_rows(name: str) -> list[tuple[str, torch.Tensor]]:
-    """(layer name, its weight as rows [out channels, fan-in]) for every conv / linear of the BN-folded model."""
+def layer_rows(name: str) -> list[torch.Tensor]:
+    """The weight of every conv / linear of the BN-folded model as rows [out channels, fan-in]."""
     vm = load_vision_model(name, log=lambda *_: None)
     x, _ = evaluation_images(vm, VisionOptions(model=name, eval_views=1, eval_limit=2))
     vision_adapter(name, x[:2]).prepare(vm.model.eval())
-    return [(n, m.weight.detach().float().reshape(m.weight.shape[0], -1)) for n, m in vm.model.named_modules()
+    return [m.weight.detach().float().reshape(m.weight.shape[0], -1) for m in vm.model.modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
@@ -46,7 +46,7 @@ def layer_rows(name: str) -> list[tuple[str, torch.Tensor]]:
 def fit_errors(layers, method: str, bits: int) -> torch.Tensor:
     """Per output channel of every layer (concatenated), the searched codebook's squared weight error."""
     cb = make_codebook(QuantSpec(method, bits, -1, symmetric=False))
-    return torch.cat([search(cb, cb.rows(w)).score for _, w in layers])
+    return torch.cat([search(cb, cb.rows(w)).score for w in layers])
 
 
 def main() -> int:
@@ -61,7 +61,7 @@ def main() -> int:
     rows = []
     for model in args.models:
         layers = layer_rows(model)
-        energy = float(sum(float(w.pow(2).sum()) for _, w in layers))
+        energy = float(sum(float(w.pow(2).sum()) for w in layers))
         for bits in args.bits:
             errors = {m: fit_errors(layers, m, bits) for m in METHODS}
             row = {"model": model, "bits": bits, "layers": len(layers), "channels": int(errors["uniform"].numel()),

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from logart.errors import LogartError
-from logart.reporting.run import load_run, needs_calibration, recorded_recipe
+from logart.reporting.run import load_run, quantized_with_data, recorded_recipe
 
 # (axis label, what it means): loss_before / loss_after in report.json are one or the other.
 ERROR_H = ("output error tr(ΔW·H·ΔWᵀ)",
@@ -28,7 +28,7 @@ class Report:
 
 def error_label(recipe: dict) -> tuple[str, str]:
     """What loss_before / loss_after measure: H-weighted when the run calibrated, the weight error otherwise."""
-    return ERROR_H if needs_calibration(recipe) else ERROR_W
+    return ERROR_H if quantized_with_data(recipe) else ERROR_W
 
 
 def _fp_model(model: str, config: dict | None):

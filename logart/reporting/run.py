@@ -36,8 +36,9 @@ def recorded_recipe(recipe: dict):
         return None
 
 
-def needs_calibration(recipe: dict) -> bool:
-    """Whether the recorded recipe calibrated (then loss_before/after are H-weighted, else weight errors)."""
+def quantized_with_data(recipe: dict) -> bool:
+    """Whether the recorded recipe's quantization read calibration statistics (then loss_before/after are
+    H-weighted, else weight errors; bias correction alone leaves them weight errors)."""
     r = recorded_recipe(recipe)
     return True if r is None else r.quantizes_with_data
 
