@@ -69,13 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_output(opts: RunOptions) -> None:
+def check_output(output: str | None, overwrite: bool) -> None:
     """Refuse a non-empty or unwritable output folder before hours of work, not after."""
-    if opts.output:
-        for target in (opts.output, f"{opts.output}.partial"):   # what a killed earlier run left half-written
+    if output:
+        for target in (output, f"{output}.partial"):   # what a killed earlier run left half-written
             remove_stale(target)
-        check_writable(opts.output, opts.overwrite)
-        check_writable(f"{opts.output}.partial", overwrite=True)   # the resumable state is written beside it
+        check_writable(output, overwrite)
+        check_writable(f"{output}.partial", overwrite=True)   # the resumable state is written beside it
 
 
 def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
@@ -84,7 +84,7 @@ def run(recipe: Recipe, opts: RunOptions, log=print) -> dict:
     if recipe.activations.bits is not None:
         raise LogartError("activation quantization (--act-bits) is implemented for vision models so far, not for "
                           "causal LMs.", "drop --act-bits, or quantize a vision model (e.g. --model mobilenetv2).")
-    _check_output(opts)
+    check_output(opts.output, opts.overwrite)
     # Bad data paths fail now, not after the model has loaded (packaged texts are cached in memory).
     if recipe.needs_calibration:
         text_source(opts.calib)

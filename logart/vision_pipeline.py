@@ -141,10 +141,11 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     """Quantize a vision model, evaluate it against its fp32 self, save, and append a results row; returns the
     row and the activation quantizers' records (`activations`)."""
     from logart.api import quantize
-    from logart.atomic import check_writable
+    from logart.calib.resume import RunState, fingerprint
     from logart.eval.classify import logits, scores
     from logart.models.vision import load_vision_model, vision_adapter
-    from logart.pipeline import seed_everything
+    from logart.pipeline import check_output, seed_everything
+    from logart.version import __version__
     from logart.report import append_csv, results_csv, now, peak_rss_gb, versions, write_json
 
     from logart.allocator import keep_freed_memory
@@ -155,8 +156,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
     keep_freed_memory()   # block reconstruction allocates the same activations every iteration
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    if opts.output:
-        check_writable(opts.output, opts.overwrite)
+    check_output(opts.output, opts.overwrite)
     seed_everything(opts.seed)
     vm = load_vision_model(opts.model, opts.weights, log=log)
     x_calib = calibration_images(vm, opts)
@@ -177,19 +177,26 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         nonlocal n_blocks
         n_blocks = n_blocks or len(adapter.plan(vm.model))   # prepared by now (BatchNorm folded)
         blocks.append(seconds)
-        left = (n_blocks - index - 1) * (time.perf_counter() - t0) / (index + 1)
+        left = (n_blocks - index - 1) * (time.perf_counter() - t0) / len(blocks)   # blocks timed by this run
         log(f"block {index + 1}/{n_blocks} done in {seconds:.1f} s; elapsed {time.perf_counter() - t0:.0f} s, "
             f"ETA {left:.0f} s; peak RSS {peak_rss_gb():.2f} GB")
 
+    state = None
+    if opts.output:   # resumable: finished blocks survive an interruption in <output>.partial/
+        state = RunState(Path(f"{opts.output}.partial"), fingerprint(
+            model=vm.name, weights=opts.weights, recipe=recipe.to_dict(), calib=x_calib, calib_source=opts.calib,
+            cache_dtype=opts.cache_dtype, logart=__version__))
+        if state.done:
+            log(f"resuming: {state.done} blocks finished by the interrupted run are restored from {state.folder}")
     result = quantize(vm.model, recipe, x_calib if recipe.needs_calibration else x_calib[:2], progress=opts.progress,
-                      log=None, adapter=adapter, on_block_done=on_block)
+                      log=None, adapter=adapter, on_block_done=on_block, state=state)
     seconds = time.perf_counter() - t0
     x_eval, labels = evaluation_images(vm, opts)
     row = {"tag": opts.tag, "date": now(), "model": vm.name, "pretrained": vm.pretrained, "recipe": recipe.to_dict(),
            "calib": opts.calib, "calib_views": opts.calib_views, "nsamples": int(x_calib.shape[0]), "eval": opts.eval,
            "eval_inputs": n_eval, "first_last_bits": opts.first_last_bits,
            "cache_dtype": opts.cache_dtype,
-           "quant_seconds": round(seconds, 1), "block_seconds": [round(s, 1) for s in blocks],
+           "quant_seconds": round(seconds, 1), "resumed_blocks": state.done_at_start if state else 0, "block_seconds": [round(s, 1) for s in blocks],
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
            "act_sites": len(result.activations),
            "versions": versions()}
@@ -208,6 +215,8 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
             log(f"saved the packed checkpoint to {out} ({row['checkpoint_mb']} MB)")
         write_json(out / "report.json", dict(row, layers=[r.to_dict() for r in result.layers],
                                              activations=result.activations))
+    if state is not None:
+        state.finish()
     results = results_csv(opts.results, opts.output)
     append_csv(results, row)
     return dict(row, activations=result.activations)

@@ -76,3 +76,77 @@ def test_resume_restores_the_biases_that_bias_correction_moved(tmp_path, monkeyp
     final = _run(work, "logart-fast", monkeypatch, model=model(), bias_correction=True)
     for k in reference:
         assert torch.equal(final[k], reference[k]), k
+
+
+# --- vision models: the same resume, with bias correction, block reconstruction and activation quantizers ----------
+
+def _vision_run(folder, make_model, adapter, recipe, x, monkeypatch, kill_after_block=None, kill_at_layer=None):
+    """Quantize a fresh vision model with a resumable state in `folder`; optionally die part-way. Returns its
+    state dict and its logits on `x` (which pass through the installed activation quantizers)."""
+    import logart
+
+    model = make_model()
+    state = RunState(folder, fingerprint(recipe=recipe.to_dict(), calib=x))
+    real, calls = driver.quantize_site, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == kill_at_layer:
+            raise Interrupt
+        return real(*a, **k)
+
+    def on_block(b, _seconds):
+        if b == kill_after_block:
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "quantize_site", counting)
+        result = logart.quantize(model, recipe, x, progress=False, log=None, adapter=adapter, state=state,
+                                 on_block_done=on_block)
+    with torch.no_grad():
+        out = model(x)
+    return {k: v.clone() for k, v in model.state_dict().items()}, out, result
+
+
+def _tiny_cnn():
+    from tests.test_vision import TinyNet
+
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+def _tiny_vit():
+    from tests.test_vit import tiny_vit
+
+    return tiny_vit()
+
+
+@pytest.mark.parametrize("family,options", [
+    ("cnn", dict(bias_correction=True)),                     # block reconstruction, then the moved biases
+    ("cnn", dict(act_bits=4)),                                # W4A4: the steps the reconstruction trained
+    ("vit", dict(act_bits=4, act_reparam=True)),              # LayerNorms rewritten, AdaLog on softmax and GELU
+])
+def test_an_interrupted_vision_run_resumes_to_the_same_model(tmp_path, monkeypatch, family, options):
+    from logart.models.cnn import CNN
+    from logart.models.vit import TimmViT
+    from logart.vision_pipeline import vision_recipe
+
+    if family == "cnn":
+        make, x = _tiny_cnn, torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+        adapter = lambda: CNN(example=x[:2])   # noqa: E731
+    else:
+        make, x = _tiny_vit, torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+        adapter = TimmViT
+    recipe = vision_recipe("logart", bits=3, family=family, recon_iters=6, recon_batch=4, **options)
+    reference, ref_out, ref_result = _vision_run(tmp_path / "ref", make, adapter(), recipe, x, monkeypatch)
+    work = tmp_path / "work"
+    for kill in [dict(kill_after_block=0), dict(kill_at_layer=2), dict(kill_after_block=2)]:
+        with pytest.raises(Interrupt):
+            _vision_run(work, make, adapter(), recipe, x, monkeypatch, **kill)
+    final, out, result = _vision_run(work, make, adapter(), recipe, x, monkeypatch)
+    assert final.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(final[k], reference[k]), k
+    assert torch.equal(out, ref_out)   # the activation quantizers of the restored blocks are back, unchanged
+    assert result.activation_quantizers == ref_result.activation_quantizers
+    assert result.activations.keys() == ref_result.activations.keys()

@@ -2,6 +2,7 @@
 models, activation fusion, data readers, metrics, and one tiny run through the whole pipeline."""
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -225,7 +226,6 @@ def test_a_packed_cnn_checkpoint_reloads_with_the_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
     # a damaged network description is one clear error naming the folder
-    import json
     cfg_path = tmp_path / "ck" / "config.json"
     for edit, message in ((lambda c: c["logart_vision"].update(model="vgg-99"), "unknown vision model"),
                           (lambda c: c["logart_vision"].update(options={"width": 3}), "do not fit"),
@@ -259,7 +259,6 @@ def test_fashion_training_works_under_no_grad(synthetic_fashion):
 def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, synthetic_fashion, capsys):
     """`logart quantize --model fashion-resnet` end to end on synthetic Fashion-MNIST files (an untrained,
     cached network: the path, not the accuracy), then `logart eval` on the packed checkpoint."""
-    import json
 
     from logart.cli import main
 
@@ -277,6 +276,41 @@ def test_cli_quantizes_a_fashion_cnn_and_reloads_it(tmp_path, synthetic_fashion,
     assert main(["report", str(out), "--model", "fashion-resnet"]) == 0   # the fp32 weights under the levels
     summary = (out / "report" / "summary.md").read_text()
     assert "fashion-resnet" in summary and list((out / "report").glob("codebook_*.png"))
+
+
+def test_an_interrupted_cli_run_on_a_cnn_resumes_to_the_same_checkpoint(tmp_path, synthetic_fashion, capsys,
+                                                                        monkeypatch):
+    """Ctrl-C after two blocks: the CLI says how to resume, the rerun restores those blocks and writes the bytes
+    an uninterrupted run writes."""
+    from logart.calib.driver import BlockDriver
+    from logart.cli import main
+
+    synthetic_fashion("fashion-resnet")
+    argv = ["quantize", "--model", "fashion-resnet", "--bits", "3", "--recipe", "logart", "--recon-iters", "3",
+            "--nsamples", "16", "--act-bits", "8", "--quiet"]
+    assert main(argv + ["--output", str(tmp_path / "ref")]) == 0
+    real = BlockDriver.commit
+
+    def interrupted(self, index, block):
+        real(self, index, block)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        m.setattr(BlockDriver, "commit", interrupted)
+        capsys.readouterr()
+        assert main(argv + ["--output", str(out)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "q.partial" / "state.json").is_file() and not out.exists()
+    assert main(argv + ["--output", str(out)]) == 0
+    assert "resuming: 2 blocks" in capsys.readouterr().out
+    assert not (tmp_path / "q.partial").exists()
+    files = sorted(p.name for p in (tmp_path / "ref").iterdir() if p.name != "report.json")   # dated
+    assert "config.json" in files and files == sorted(p.name for p in out.iterdir() if p.name != "report.json")
+    for name in files:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert json.loads((out / "report.json").read_text())["resumed_blocks"] == 2
 
 
 def test_w4a4_installs_activation_quantizers_and_learns_their_steps():

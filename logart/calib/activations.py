@@ -81,7 +81,7 @@ class UniformActQuantizer(nn.Module):
         return float((self(values) - values).pow(2).sum() / values.pow(2).sum().clamp(min=1e-30))
 
     def to_config(self) -> dict:
-        return {"type": "uniform-step", "bits": self.bits, "signed": self.signed, "step": float(self.step.abs())}
+        return {"type": "uniform-step", "bits": self.bits, "signed": self.signed, "step": float(self.step.detach().abs())}
 
     def _grid(self, x: torch.Tensor, step) -> torch.Tensor:
         return torch.clamp(torch.round(x / step), self.qmin, self.qmax) * step
@@ -212,28 +212,47 @@ def fold_shifts(activations: ActivationQuantization) -> int:
     return folded
 
 
-def saved_quantizers(model: nn.Module, activations: ActivationQuantization) -> dict:
+def saved_quantizers(model: nn.Module, activations: ActivationQuantization, names=None) -> dict:
     """{site: {module (its name in `model`), output, chunk, quantizer}}: what a packed checkpoint stores so that
-    `install_saved` puts the same quantizers back on the reloaded model."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return {name: {"module": names[id(site.module)], "kind": site.kind, "output": site.output,
+    `install_saved` puts the same quantizers back on the reloaded model (only the sites `names`, if given)."""
+    modules = {id(m): n for n, m in model.named_modules()}
+    return {name: {"module": modules[id(site.module)], "kind": site.kind, "output": site.output,
                    "chunk": list(site.chunk) if site.chunk else None, "quantizer": q.to_config()}
-            for name, q in activations.quantizers.items() if (site := activations.sites.get(name)) is not None}
+            for name, q in activations.quantizers.items()
+            if (site := activations.sites.get(name)) is not None and (names is None or name in names)}
+
+
+def _rebuild(model: nn.Module, name: str, entry: dict):
+    """(site, quantizer) of one `saved_quantizers` entry, the quantizer not yet installed."""
+    from logart.calib.act_quantizers import from_config
+    from logart.models.adapter import ActSite
+
+    cfg = entry["quantizer"]
+    if cfg["type"] == "uniform-step":
+        q = UniformActQuantizer(int(cfg["bits"]), bool(cfg["signed"]), float(cfg["step"]))
+    else:
+        q = from_config(cfg)
+    chunk = tuple(entry["chunk"]) if entry.get("chunk") else None
+    return ActSite(name, model.get_submodule(entry["module"]), entry["kind"], bool(entry["output"]), chunk), q
 
 
 def install_saved(model: nn.Module, saved: dict) -> None:
     """Install the activation quantizers `saved_quantizers` described on `model`."""
-    from logart.calib.act_quantizers import from_config
-    from logart.models.adapter import ActSite
-
     for name, entry in saved.items():
-        cfg = entry["quantizer"]
-        if cfg["type"] == "uniform-step":
-            q = UniformActQuantizer(int(cfg["bits"]), bool(cfg["signed"]), float(cfg["step"]))
-        else:
-            q = from_config(cfg)
-        chunk = tuple(entry["chunk"]) if entry.get("chunk") else None
-        _install(ActSite(name, model.get_submodule(entry["module"]), entry["kind"], bool(entry["output"]), chunk), q)
+        _install(*_rebuild(model, name, entry))
+
+
+def restore(activations: ActivationQuantization, model: nn.Module, saved: dict, started: bool) -> None:
+    """Put back the quantizers of an interrupted run's finished blocks (calib/resume.py: {site: {"entry",
+    "record"}}) on `model` and into `activations`, as if their blocks had just been calibrated. `started`: a
+    finished block had activation sites (so the network's input has been passed over already)."""
+    for name, saved_site in saved.items():
+        site, q = _rebuild(model, name, saved_site["entry"])
+        _install(site, q)
+        activations.quantizers[name], activations.sites[name] = q, site
+        activations.records[name] = saved_site["record"]
+    if started:
+        activations._first = False
 
 
 def _span(site, out: torch.Tensor) -> tuple[int, int]:

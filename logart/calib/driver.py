@@ -241,6 +241,10 @@ class BlockDriver:
         self.records += [LayerRecord.from_dict(r) for r in self.state.records]
         if saved is not None:
             self.stream.inputs, self.stream.fp_inputs = saved["hidden"], saved.get("fp_hidden")
+        if self.activations is not None:   # the later blocks' inputs pass through these quantizers
+            from logart.calib.activations import restore
+            restore(self.activations, self.model, self.state.activations,
+                    started=any(b.act_sites for b in plan[:self.state.done]))
         if self.log:
             self.log(f"resuming after block {self.state.done - 1}: {len(restored)} layers restored from "
                      f"{self.state.folder}")
@@ -251,8 +255,16 @@ class BlockDriver:
         self.params.update(self.block_params)
         if self.state is not None:
             weights = {n: self.model.get_submodule(n).weight for n in self.block_params}
+            block_tensors, acts = None, None
+            if self.activations is not None:   # activation calibration may have changed more than the sites
+                from logart.calib.activations import saved_quantizers
+                prefix = f"{block.name}." if block.name else ""
+                block_tensors = {prefix + k: v for k, v in block.module.state_dict().items()}
+                new = set(self.activations.quantizers) - set(self.state.activations)
+                acts = {n: {"entry": e, "record": self.activations.records.get(n)}
+                        for n, e in saved_quantizers(self.model, self.activations, new).items()}
             self.state.commit_block(index, weights, self.block_params, [r.to_dict() for r in self.block_records],
-                                    self.stream.inputs, self.stream.fp_inputs, self.block_biases)
+                                    self.stream.inputs, self.stream.fp_inputs, self.block_biases, block_tensors, acts)
         if self.streamer is not None and block.chained:
             self.streamer.done(block.name, self.block_params)
 

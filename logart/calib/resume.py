@@ -2,6 +2,10 @@
 entering the next block are written to `<output>.partial/`; a rerun with the same arguments continues from
 the last finished block and ends with exactly the weights of an uninterrupted run.
 
+Runs that quantize activations also keep, per finished block, the whole block's tensors (reparameterizations
+move LayerNorm parameters and may give a linear layer a bias) and its activation quantizers, so that the rerun
+puts them back before the next block captures its inputs through them.
+
 Crash safety: each block's file and each activation file is written under a temporary name and renamed; the
 small state.json that says how many blocks are done is renamed into place *last*, so a kill at any point
 leaves either the old or the new state, never a mix. A rerun with different arguments (another recipe,
@@ -28,9 +32,24 @@ def fingerprint(**parts) -> dict:
     out = {}
     for k, v in parts.items():
         if isinstance(v, torch.Tensor):
-            v = hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+            v = hashlib.sha256(memoryview(v.detach().contiguous().reshape(-1).numpy()).cast("B")).hexdigest()   # no copy
         out[k] = v
     return json.loads(json.dumps(out, default=str))
+
+
+BLOCK_TENSOR = "block:"   # prefix of a block file's copy of the block's own tensors
+
+
+def _assign(model, name: str, value: torch.Tensor) -> None:
+    """Set the parameter or buffer `name` of `model` to `value`, creating it where the fresh model has none (a
+    bias that a reparameterization gave a bias-free linear layer)."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    current = getattr(module, attr, None)
+    if current is None:
+        setattr(module, attr, torch.nn.Parameter(value.clone()))
+    else:
+        current.data.copy_(value)   # in place: the tensor keeps its memory format (channels-last convs)
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
@@ -45,6 +64,7 @@ class RunState:
         self.config = config
         self.done = 0
         self.records: list[dict] = []
+        self.activations: dict = {}   # activation site -> {"entry": how to reinstall its quantizer, "record": ...}
         state = self.folder / "state.json"
         if state.is_file():
             saved = json.loads(state.read_text())
@@ -54,6 +74,8 @@ class RunState:
                                   "resuming would mix two configurations.",
                                   f"rerun with the original arguments, or delete {self.folder} to start over.")
             self.done, self.records = saved["done"], saved["records"]
+            self.activations = saved.get("activations", {})
+        self.done_at_start = self.done
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _inputs_path(self, block: int) -> Path:
@@ -71,8 +93,10 @@ class RunState:
             if streaming:
                 streamer.load(block_names[b])
             saved = load_file(str(self.folder / f"block-{b:04d}.safetensors"))
-            names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight"))
+            names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight") and not k.startswith(BLOCK_TENSOR))
             block_params = {}
+            for key in (k for k in saved if k.startswith(BLOCK_TENSOR)):   # the whole block (activation runs)
+                _assign(model, key[len(BLOCK_TENSOR):], saved[key])
             for name in names:
                 model.get_submodule(name).weight.data.copy_(saved[f"{name}.weight"])
                 if f"{name}.bias" in saved:   # moved by bias correction
@@ -88,9 +112,13 @@ class RunState:
         return params, inputs
 
     def commit_block(self, block: int, weights: dict, params: dict, records: list[dict], inputs,
-                     fp_inputs=None, biases=None) -> None:
+                     fp_inputs=None, biases=None, tensors_of_block=None, activations=None) -> None:
+        """`tensors_of_block`: {full name: tensor} of every parameter and buffer of the block, restored before
+        its sites' weights; `activations`: the block's activation quantizers ({site: {"entry", "record"}})."""
         tensors = {f"{n}.weight": w.detach().cpu() for n, w in weights.items()}
         tensors.update({f"{n}.bias": b.detach().cpu() for n, b in (biases or {}).items()})
+        tensors.update({BLOCK_TENSOR + n: t.detach().cpu().clone() for n, t in (tensors_of_block or {}).items()
+                        if n not in tensors})   # the sites' weights and moved biases are there already
         for n, (_, p) in params.items():
             tensors.update({f"{n}.param.{f.name}": getattr(p, f.name).detach().cpu() for f in dataclasses.fields(p)})
         _atomic_save(tensors, self.folder / f"block-{block:04d}.safetensors")
@@ -98,7 +126,8 @@ class RunState:
             saved = {"hidden": inputs} if fp_inputs is None else {"hidden": inputs, "fp_hidden": fp_inputs}
             _atomic_save(saved, self._inputs_path(block + 1))
         self.done, self.records = block + 1, self.records + records
-        state = {"config": self.config, "done": self.done, "records": self.records}
+        self.activations = {**self.activations, **(activations or {})}
+        state = {"config": self.config, "done": self.done, "records": self.records, "activations": self.activations}
         write_file(self.folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(state)))
         old = self._inputs_path(block)
         if old.exists():
