@@ -121,6 +121,7 @@ def test_cli_bad_input(local_model, tmp_path, capsys):
     out = tmp_path / "q"
     cases = [
         (["--model", "no-such-model"], "not an embedded model"),
+        (["--model", "mobilenetv3"], "vision models: mobilenetv2, efficientnet-lite0"),   # the names that exist
         (["--model", tmp_path / "missing-folder"], "not an embedded model"),
         (["--model", folder, "--bits", 5], "5-bit weights are not supported"),
         (["--model", folder, "--calib", tmp_path / "nope.txt"], "nope.txt"),

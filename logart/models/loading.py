@@ -83,10 +83,12 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32):
         if Path(where).exists():
             raise LogartError(f"cannot load a causal LM from {where}: {e}",
                               "pass a folder with config.json, tokenizer and weights, or a .gguf file.") from e
+        from logart.models.vision import VISION_MODELS   # here: vision.py imports this module
         raise LogartError(f"{str(name_or_path)!r} is not an embedded model, not a local folder or .gguf file, "
                           "and not in the local Hugging Face cache.",
-                          f"use one of the embedded names ({', '.join(EMBEDDED)}) or pass a local folder "
-                          "or .gguf file (logart never downloads).") from e
+                          f"use one of the embedded names ({', '.join(EMBEDDED)}; vision models: "
+                          f"{', '.join(VISION_MODELS)}) or pass a local folder or .gguf file (logart never "
+                          "downloads).") from e
     model.eval()
     return model, tokenizer
 
