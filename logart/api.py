@@ -30,8 +30,26 @@ class QuantizationResult:
         return dict(sorted(hist.items(), reverse=True))
 
 
-def default_adapter(model, recipe: Recipe, log=print):
-    """The adapter for `model`: Hugging Face causal LMs (the family this entry point has always taken)."""
+def default_adapter(model, recipe: Recipe, log=print, calib: torch.Tensor | None = None):
+    """The adapter for `model`, by what it is: a timm ViT / DeiT / Swin (a `patch_embed` conv), a BERT-family
+    encoder (`encoder.layer.i.attention.self`), any other network of convolutions (a CNN: its BatchNorm is folded
+    on `calib[:2]`), and otherwise a Hugging Face causal LM (the family this entry point has always taken)."""
+    from torch import nn
+
+    if isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d):
+        from logart.models.vit import TimmViT
+        return TimmViT()
+    if any(n.endswith("attention.self") and hasattr(m, "query") for n, m in model.named_modules()):
+        from logart.models.hf_encoder import HFEncoder
+        return HFEncoder()
+    if not hasattr(model, "config") and any(isinstance(m, nn.Conv2d) for m in model.modules()):   # not HF
+        from logart.errors import LogartError
+        from logart.models.cnn import CNN
+        if calib is None or not isinstance(calib, torch.Tensor) or calib.dim() != 4:
+            raise LogartError(f"{type(model).__name__} is a convolutional network: logart needs calibration images "
+                              "(a float tensor [N, C, H, W]) to trace and fold its BatchNorm.",
+                              "pass the images as `calib`, or pass adapter=logart.models.cnn.CNN(example=images[:2]).")
+        return CNN(example=calib[:2])
     from logart.models.hf_causal import HFCausalLM
 
     return HFCausalLM(embeddings=recipe.lm.quantize_embeddings, lm_head=recipe.lm.quantize_lm_head,
@@ -45,11 +63,13 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
 
     recipe: a `Recipe` or a preset name (`logart`, `logart-fast`, `log2-rtn`, `rtn`, `gptq`) with options
         such as `bits=3, group_size=128`.
-    calib: LongTensor [nsamples, seqlen] of token windows (see `logart.data.calibration_set`); not needed by
-        data-free recipes.
+    calib: LongTensor [nsamples, seqlen] of token windows (see `logart.data.calibration_set`), or a float tensor
+        of images [N, C, H, W] for a CNN or ViT; not needed by data-free recipes (a CNN needs two images).
     state: a `logart.calib.resume.RunState` to make the run resumable (the CLI does this for --output).
     streamer: larger-than-memory runs load and pack one block at a time (see `logart.pipeline.PackAfterBlock`).
-    adapter: the model family's adapter (models/adapter.py); default: a Hugging Face causal LM.
+    adapter: the model family's adapter (models/adapter.py); default: found from the model (`default_adapter`:
+        timm ViT / DeiT / Swin, BERT-family encoder, CNN, Hugging Face causal LM). Presets given by name keep their
+        LLM defaults; `logart.vision_pipeline.vision_recipe` gives the CNN and ViT pipelines' own.
     reconstruction: a block reconstruction engine (calib/reconstruct.py) to use instead of the one the recipe's
         `reconstruct="block"` option builds.
     on_block_done: called (block index, seconds) after each block.
@@ -57,7 +77,7 @@ def quantize(model, recipe: Recipe | str = "logart", calib: torch.Tensor | None 
     if isinstance(recipe, str):
         recipe = make_recipe(recipe, **recipe_options)
     t0 = time.perf_counter()
-    adapter = adapter or default_adapter(model, recipe, log)
+    adapter = adapter or default_adapter(model, recipe, log, calib)
     rc = recipe.reconstruction
     if reconstruction is None and rc.kind == "block":
         from logart.calib.reconstruct import BlockReconstruction, ReconstructConfig

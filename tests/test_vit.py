@@ -380,3 +380,27 @@ def test_trained_fashion_vit_keeps_its_accuracy_at_w4a4():
                              progress=False, log=None, adapter=TimmViT())
     assert {r["kind"] for r in result.activations.values()} == {"uniform-asym", "adalog"}
     assert fp32 - top1(logits(vm.model, x_test), y_test) <= 2.0
+
+
+def test_the_adapter_is_found_from_the_model():
+    """`logart.quantize(model, recipe, data)` without an adapter: a timm ViT, a BERT encoder, a CNN and a causal LM
+    each get their own; a CNN without images is one clear error."""
+    from logart.api import default_adapter
+    from logart.errors import LogartError
+    from logart.models import tiny_causal_lm
+    from logart.models.cnn import CNN
+    from logart.models.hf_causal import HFCausalLM
+    from tests.test_vision import TinyNet
+
+    recipe = logart.make_recipe("logart-fast", bits=4)
+    images = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert isinstance(default_adapter(tiny_vit(), recipe, None), TimmViT)
+    assert isinstance(default_adapter(tiny_bert(), recipe, None), HFEncoder)
+    assert isinstance(default_adapter(TinyNet(), recipe, None, images), CNN)
+    assert isinstance(default_adapter(tiny_causal_lm("llama"), recipe, None), HFCausalLM)
+    with pytest.raises(LogartError, match="convolutional network.*calibration images"):
+        logart.quantize(TinyNet().eval(), "rtn", None, progress=False, log=None)
+    model = TinyNet().eval()
+    result = logart.quantize(model, "logart-fast", images, bits=4, progress=False, log=None)
+    assert sorted(result.params) == ["body.0", "body.3", "conv1", "fc"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())   # folded into the convs
