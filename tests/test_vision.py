@@ -337,7 +337,7 @@ def test_w4a4_installs_activation_quantizers_and_learns_their_steps():
     assert any(a["step"] != a["step_searched"] for a in acts.values())   # reconstruction trained the steps (LSQ)
     q = UniformActQuantizer(4, signed=True)
     values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    assert q.fit(values, "mse") < 0.05 and float(q.step) < float(values.abs().max()) / 7
+    assert q.fit(values, "mse") < 0.05 and float(q.step.detach()) < float(values.abs().max()) / 7
 
 
 def test_activation_bits_are_refused_for_causal_lms(tmp_path, capsys):

@@ -87,7 +87,7 @@ class UniformActQuantizer(nn.Module):
         return torch.clamp(torch.round(x / step), self.qmin, self.qmax) * step
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, step={float(self.step):.4g}"
+        return f"bits={self.bits}, signed={self.signed}, step={float(self.step.detach()):.4g}"
 
 
 def _sample(values: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class ActivationQuantization:
             error = q.fit(_sample(values), self.config.method)
             self.quantizers[name] = q
             self.sites[name] = site
-            self.records[name] = {"bits": q.bits, "signed": q.signed, "step_searched": float(q.step),
+            self.records[name] = {"bits": q.bits, "signed": q.signed, "step_searched": float(q.step.detach()),
                                   "relative_mse": error}
             _install(site, q)   # the hook stays: the quantized model keeps quantizing this input
 

@@ -32,7 +32,8 @@ def fingerprint(**parts) -> dict:
     out = {}
     for k, v in parts.items():
         if isinstance(v, torch.Tensor):
-            v = hashlib.sha256(memoryview(v.detach().contiguous().reshape(-1).numpy()).cast("B")).hexdigest()   # no copy
+            flat = v.detach().contiguous().reshape(-1).numpy()
+            v = hashlib.sha256(memoryview(flat).cast("B")).hexdigest()   # hashed in place, not copied to bytes
         out[k] = v
     return json.loads(json.dumps(out, default=str))
 
@@ -93,7 +94,8 @@ class RunState:
             if streaming:
                 streamer.load(block_names[b])
             saved = load_file(str(self.folder / f"block-{b:04d}.safetensors"))
-            names = sorted(k.rsplit(".", 1)[0] for k in saved if k.endswith(".weight") and not k.startswith(BLOCK_TENSOR))
+            names = sorted(k.rsplit(".", 1)[0] for k in saved
+                           if k.endswith(".weight") and not k.startswith(BLOCK_TENSOR))
             block_params = {}
             for key in (k for k in saved if k.startswith(BLOCK_TENSOR)):   # the whole block (activation runs)
                 _assign(model, key[len(BLOCK_TENSOR):], saved[key])
