@@ -31,16 +31,17 @@ class QuantizationResult:
 
 
 def default_adapter(model, recipe: Recipe, log=print, calib: torch.Tensor | None = None):
-    """The adapter for `model`, by what it is: a timm ViT / DeiT / Swin (a `patch_embed` conv), a BERT-family
-    encoder (`encoder.layer.i.attention.self`), any other network of convolutions (a CNN: its BatchNorm is folded
+    """The adapter for `model`, by what it is, recognised as the adapters themselves recognise it: a timm ViT /
+    DeiT / Swin, a BERT-family encoder, any other network of convolutions (a CNN: its BatchNorm is folded
     on `calib[:2]`), and otherwise a Hugging Face causal LM (the family this entry point has always taken)."""
     from torch import nn
 
-    if isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d):
-        from logart.models.vit import TimmViT
+    from logart.models.hf_encoder import HFEncoder, encoder_layers
+    from logart.models.vit import TimmViT, is_timm_vit
+
+    if is_timm_vit(model):
         return TimmViT()
-    if any(n.endswith("attention.self") and hasattr(m, "query") for n, m in model.named_modules()):
-        from logart.models.hf_encoder import HFEncoder
+    if encoder_layers(model) is not None:
         return HFEncoder()
     if not hasattr(model, "config") and any(isinstance(m, nn.Conv2d) for m in model.modules()):   # not HF
         from logart.errors import LogartError

@@ -181,13 +181,14 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
         log(f"block {index + 1}/{n_blocks} done in {seconds:.1f} s; elapsed {time.perf_counter() - t0:.0f} s, "
             f"ETA {left:.0f} s; peak RSS {peak_rss_gb():.2f} GB")
 
-    state = None
+    state, resumed = None, 0
     if opts.output:   # resumable: finished blocks survive an interruption in <output>.partial/
         state = RunState(Path(f"{opts.output}.partial"), fingerprint(
             model=vm.name, weights=opts.weights, recipe=recipe.to_dict(), calib=x_calib, calib_source=opts.calib,
             cache_dtype=opts.cache_dtype, logart=__version__))
-        if state.done:
-            log(f"resuming: {state.done} blocks finished by the interrupted run are restored from {state.folder}")
+        resumed = state.done
+        if resumed:
+            log(f"resuming: {resumed} blocks finished by the interrupted run are restored from {state.folder}")
     result = quantize(vm.model, recipe, x_calib if recipe.needs_calibration else x_calib[:2], progress=opts.progress,
                       log=None, adapter=adapter, on_block_done=on_block, state=state)
     seconds = time.perf_counter() - t0
@@ -197,7 +198,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
            "eval_inputs": n_eval, "first_last_bits": opts.first_last_bits,
            "cache_dtype": opts.cache_dtype,
            "quant_seconds": round(seconds, 1), "block_seconds": [round(s, 1) for s in blocks],
-           "resumed_blocks": state.done_at_start if state else 0,   # quant_seconds then counts the rest only
+           "resumed_blocks": resumed,   # quant_seconds then counts the rest only
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
            "act_sites": len(result.activations),
            "versions": versions()}

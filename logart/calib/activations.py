@@ -180,6 +180,18 @@ class ActivationQuantization:
         for site, q in fitted:   # installed together: every site was fitted on the block's unquantized flow
             _install(site, q)
 
+    def restore(self, model: nn.Module, saved: dict, started: bool) -> None:
+        """Put back the quantizers of an interrupted run's finished blocks (calib/resume.py: {site: {"entry",
+        "record"}}) on `model`, as if their blocks had just been calibrated. `started`: a finished block had
+        activation sites (so the network's input has been passed over already)."""
+        for name, saved_site in saved.items():
+            site, q = _rebuild(model, name, saved_site["entry"])
+            _install(site, q)
+            self.quantizers[name], self.sites[name] = q, site
+            self.records[name] = saved_site["record"]
+        if started:
+            self._first = False
+
     def steps(self, block) -> list[nn.Parameter]:
         """The step sizes of `block`'s step quantizers, for reconstruction to train (none unless `learn`)."""
         if not self.config.learn:
@@ -240,19 +252,6 @@ def install_saved(model: nn.Module, saved: dict) -> None:
     """Install the activation quantizers `saved_quantizers` described on `model`."""
     for name, entry in saved.items():
         _install(*_rebuild(model, name, entry))
-
-
-def restore(activations: ActivationQuantization, model: nn.Module, saved: dict, started: bool) -> None:
-    """Put back the quantizers of an interrupted run's finished blocks (calib/resume.py: {site: {"entry",
-    "record"}}) on `model` and into `activations`, as if their blocks had just been calibrated. `started`: a
-    finished block had activation sites (so the network's input has been passed over already)."""
-    for name, saved_site in saved.items():
-        site, q = _rebuild(model, name, saved_site["entry"])
-        _install(site, q)
-        activations.quantizers[name], activations.sites[name] = q, site
-        activations.records[name] = saved_site["record"]
-    if started:
-        activations._first = False
 
 
 def _span(site, out: torch.Tensor) -> tuple[int, int]:

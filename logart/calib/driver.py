@@ -242,9 +242,8 @@ class BlockDriver:
         if saved is not None:
             self.stream.inputs, self.stream.fp_inputs = saved["hidden"], saved.get("fp_hidden")
         if self.activations is not None:   # the later blocks' inputs pass through these quantizers
-            from logart.calib.activations import restore
-            restore(self.activations, self.model, self.state.activations,
-                    started=any(b.act_sites for b in plan[:self.state.done]))
+            self.activations.restore(self.model, self.state.activations,
+                                     started=any(b.act_sites for b in plan[:self.state.done]))
         if self.log:
             self.log(f"resuming after block {self.state.done - 1}: {len(restored)} layers restored from "
                      f"{self.state.folder}")

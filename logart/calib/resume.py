@@ -76,7 +76,6 @@ class RunState:
                                   f"rerun with the original arguments, or delete {self.folder} to start over.")
             self.done, self.records = saved["done"], saved["records"]
             self.activations = saved.get("activations", {})
-        self.done_at_start = self.done
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _inputs_path(self, block: int) -> Path:

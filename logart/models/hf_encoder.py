@@ -42,11 +42,19 @@ def logart_eager_attention(module, query, key, value, attention_mask, scaling=No
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, layers) of a BERT-style encoder (`encoder.layer.i` with `attention.self.query`), or None."""
     for name, module in model.named_modules():
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module) and all(
                 hasattr(getattr(getattr(m, "attention", None), "self", None), "query") for m in module):
             return name, module
+    return None
+
+
+def _layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    found = encoder_layers(model)
+    if found is not None:
+        return found
     raise LogartError(f"{type(model).__name__} has no BERT-style encoder layers (encoder.layer.i with "
                       "attention.self.query).", "pass a BertModel or another BERT-family encoder.")
 

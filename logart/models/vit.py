@@ -61,7 +61,7 @@ class TimmViT(CalledOnTensors):
     def plan(self, model: nn.Module) -> list[Block]:
         proj = getattr(getattr(model, "patch_embed", None), "proj", None)
         units = _chain(model)
-        if not isinstance(proj, nn.Conv2d) or not units:
+        if not is_timm_vit(model):
             raise LogartError(f"{type(model).__name__} is not a timm ViT, DeiT or Swin model (no patch_embed.proj "
                               "conv followed by transformer blocks).", "pass a timm ViT, DeiT or Swin model.")
         plan = [Block("patch_embed.proj", proj, [WeightSite("patch_embed.proj", proj)], chained=False)]
@@ -76,6 +76,11 @@ class TimmViT(CalledOnTensors):
         if isinstance(head, nn.Linear):
             plan.append(Block(name, head, [WeightSite(name, head)], chained=False))
         return plan
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    """A timm ViT, DeiT or Swin: a patch embedding conv followed by transformer blocks (what `plan` takes)."""
+    return isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d) and bool(_chain(model))
 
 
 def _is_transformer_block(m: nn.Module) -> bool:
