@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from logart.data.bos import CHOICES as BOS_CHOICES
 from logart.errors import LogartError
+from logart.quant.spec import METHODS
 from logart.recipes import PRESETS, SCORES, Override, make_recipe
 
 BOS_HELP = ("start every calibration and evaluation window with the BOS token: auto (default) follows the model's "
@@ -88,6 +89,10 @@ def _recipe_args(p: argparse.ArgumentParser, defaults: dict | None = None):
                         "default), weight (data-free weight error) or output (vision models: the layer's output "
                         "error after its activation against the full-precision network, on 32 inputs; the "
                         "original CNN pipeline's layer_wise search, one layer forward per scored candidate)")
+    p.add_argument("--method", choices=METHODS,
+                   help="the weight codebook (default: the recipe's, log_dynamic for the LogART recipes): uniform, "
+                        "log2, log_sqrt2, log_dynamic (LogART's mixed base) or log_or_uniform (per output channel the "
+                        "mixed-base table or a uniform grid, whichever the search scores lower)")
     p.add_argument("--dbs", action=argparse.BooleanOptionalAction, help="dynamic base search (off: plain log2)")
     p.add_argument("--sfs", action=argparse.BooleanOptionalAction, help="scale-factor search")
     p.add_argument("--abs", action=argparse.BooleanOptionalAction, help="asymmetric extension (off: symmetric)")
@@ -167,7 +172,12 @@ def _recipe_from(args, make=make_recipe):
     if args.dbs is not None:  # the paper's ablation: DBS off means the pure log2 codebook
         overrides["dbs"] = args.dbs
         if not args.dbs:
+            if args.method not in (None, "log2"):
+                raise LogartError(f"--no-dbs means the plain log2 codebook and contradicts --method {args.method}.",
+                                  "drop one of the two.")
             overrides["method"] = "log2"
+    if args.method is not None:
+        overrides["method"] = args.method
     if args.abs is not None:
         overrides["symmetric"] = not args.abs
     return make(args.recipe, bits=args.bits, group_size=args.group_size, mode=args.mode, **overrides)

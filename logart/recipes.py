@@ -344,7 +344,7 @@ class Recipe:
     @property
     def searches(self) -> bool:
         """More than one (k, s) candidate per row."""
-        return self.search.sfs or (self.search.dbs and self.codebook.method == "log_dynamic")
+        return self.search.sfs or (self.search.dbs and self.codebook.method in ("log_dynamic", "log_or_uniform"))
 
     @property
     def quantizes_with_data(self) -> bool:

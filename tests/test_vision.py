@@ -504,6 +504,11 @@ def test_cli_flags_reach_the_cnn_recipe():
         ("hessian", "hard", "sample")
     assert not default.calibration.bias_correction
     assert _recipe_from(parser.parse_args([*quantize, "--bias-correction"]), make=make).calibration.bias_correction
+    assert default.codebook.method == "log_dynamic"
+    assert _recipe_from(parser.parse_args([*quantize, "--method", "log_or_uniform"]), make=make).codebook.method == \
+        "log_or_uniform"
+    with pytest.raises(LogartError, match="contradicts"):
+        _recipe_from(parser.parse_args([*quantize, "--method", "uniform", "--no-dbs"]), make=make)
 
 
 def test_a_half_precision_cache_holds_block_inputs_in_float16_and_runs_them_in_float32():

@@ -8,7 +8,8 @@ from dataclasses import replace
 import torch
 
 from logart.calib.record import LayerRecord
-from logart.quant import make_codebook
+from logart.quant import UnionCodebook, make_codebook
+from logart.quant.union import merge
 from logart.quant.rows import padded_width
 from logart.rounding import LLRConfig, QuadraticLoss, gptq, hessian_loss, learned_rounding, rtn
 from logart.errors import LogartError
@@ -49,6 +50,19 @@ def _asymmetry_per_row(cb, W, score, recipe, found):
                        default_s_values(sym, recipe.search.sfs), strategy=recipe.search.strategy)
     merged, pick = per_row_best([found, found_sym])
     return merged, int(pick.sum())
+
+
+def _search(cb, W, score, recipe):
+    """(search result, rows that took the symmetric log table or None, rows that took the uniform grid or None).
+    A `log_or_uniform` codebook searches its two parts on the same score and keeps the better per row."""
+    parts = (cb.log, cb.grid) if isinstance(cb, UnionCodebook) else (cb,)
+    found = [search(part, part.rows(W), score, default_k_values(part, recipe.search.dbs),
+                    default_s_values(part, recipe.search.sfs), strategy=recipe.search.strategy) for part in parts]
+    found[0], symmetric_rows = _asymmetry_per_row(parts[0], W, score, recipe, found[0])
+    if len(parts) == 1:
+        return found[0], symmetric_rows, None
+    merged = merge(*found)
+    return merged, symmetric_rows, int(merged.params.uniform.sum())
 
 
 def layer_forward(site, x: torch.Tensor):
@@ -96,9 +110,7 @@ def quantize_site(site, cb, recipe, hessian=None, G=None, outputs=None):
             W = hessian.target(W, H, recipe.calibration.fp_target)
     W, H = _whole_groups(W, H, cb.spec.group_size)
     score = search_score(site, cb, W, H, recipe, outputs)
-    found = search(cb, cb.rows(W), score, default_k_values(cb, recipe.search.dbs),
-                   default_s_values(cb, recipe.search.sfs), strategy=recipe.search.strategy)
-    found, symmetric_rows = _asymmetry_per_row(cb, W, score, recipe, found)
+    found, symmetric_rows, uniform_rows = _search(cb, W, score, recipe)
     params = found.params
     if rounding.method.uses_gptq:
         rounded = gptq(W, H, cb, params, act_order=rounding.act_order)
@@ -130,6 +142,6 @@ def quantize_site(site, cb, recipe, hessian=None, G=None, outputs=None):
                          seconds=time.perf_counter() - t0, dead_inputs=int(dead.sum()) if dead is not None else 0,
                          extra={"search_loss": found.loss, "search_strategy": found.strategy, "kept": kept,
                                 "attention_aware": G is not None,
-                                "symmetric_rows": symmetric_rows,
+                                "symmetric_rows": symmetric_rows, "uniform_rows": uniform_rows,
                                 **{k: v for k, v in rounded.info.items() if isinstance(v, (int, float, str))}})
     return record, params

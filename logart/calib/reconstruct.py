@@ -134,7 +134,7 @@ class BlockReconstruction:
             pad = padded_width(W.shape[1], cb.spec.group_size) - W.shape[1]
             W = nn.functional.pad(W, (0, pad)) if pad else W
             tables = LayerTables(W, cb, params)
-            sr = SoftRounding(tables, W, cb.spec.is_log, LLRConfig().zero_segment_for(cb.spec))
+            sr = SoftRounding(tables, W, cb.log_rows(params), LLRConfig().zero_segment_for(cb.spec))
             sr.bracket.align(tables, weight_matrix(cb.fake_quant(W, params)))
             softs[f"m.{rel}.weight" if rel else "m.weight"] = (site, sr.start(), tables)
         return softs

@@ -12,12 +12,15 @@ from logart.quant.packing import pack, packed_length, unpack
 from logart.quant.rows import to_rows, from_rows
 from logart.quant.spec import METHODS, MODES, SUPPORTED_BITS, QuantSpec
 from logart.quant.uniform import UniformCodebook, UniformParams
+from logart.quant.union import UnionCodebook, UnionParams
 
 
 def make_codebook(spec: QuantSpec) -> Codebook:
-    return UniformCodebook(spec) if spec.method == "uniform" else LogCodebook(spec)
+    if spec.method == "uniform":
+        return UniformCodebook(spec)
+    return UnionCodebook(spec) if spec.method == "log_or_uniform" else LogCodebook(spec)
 
 
 __all__ = ["Codebook", "LogCodebook", "LogParams", "METHODS", "MODES", "QuantSpec",
-           "SUPPORTED_BITS", "UniformCodebook", "UniformParams", "from_rows", "make_codebook", "pack",
+           "SUPPORTED_BITS", "UniformCodebook", "UniformParams", "UnionCodebook", "UnionParams", "from_rows", "make_codebook", "pack",
            "packed_length", "to_rows", "unpack"]

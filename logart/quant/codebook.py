@@ -73,6 +73,11 @@ class Codebook:
             params = self.fit_rows(rows)
         return from_rows(self.fake_quant_rows(rows, params), w.shape)
 
+    def log_rows(self, params):
+        """Whether rows round between log levels (exponent interpolation) rather than uniform ones: one bool for
+        the whole codebook, or a bool per row where rows mix the two (quant/union.py)."""
+        return self.spec.is_log
+
     def table_size(self) -> int:
         """Number of table entries per row (2^n in strict mode)."""
         raise NotImplementedError

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from logart.errors import LogartError
 
-METHODS = ("uniform", "log2", "log_sqrt2", "log_dynamic")
+METHODS = ("uniform", "log2", "log_sqrt2", "log_dynamic", "log_or_uniform")
 MODES = ("strict", "reference")
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -15,7 +15,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 class QuantSpec:
     """A weight codebook.
 
-    method: `uniform` (integer grid), `log2`, `log_sqrt2`, or `log_dynamic` (LogART's mixed base, DBS).
+    method: `uniform` (integer grid), `log2`, `log_sqrt2`, `log_dynamic` (LogART's mixed base, DBS), or
+        `log_or_uniform` (per row the mixed-base table or a uniform grid, whichever scores lower; quant/union.py).
     bits: code width n; every strict-mode weight is one n-bit code.
     group_size: -1 per output channel, 0 per tensor, g > 0 per group of g inputs.
     symmetric: one range for both signs. False turns on the asymmetric extension (ABS) for log codebooks and
@@ -43,6 +44,9 @@ class QuantSpec:
         if not isinstance(self.group_size, int) or self.group_size < -1:
             raise LogartError(f"group size {self.group_size!r} is not valid.",
                               "use -1 (per channel), 0 (per tensor) or a positive group size such as 128.")
+        if self.method == "log_or_uniform" and self.mode != "strict":
+            raise LogartError("the log_or_uniform codebook exists in strict mode only (the reference log tables have "
+                              "2^n + 2 entries, a uniform grid 2^n).", "use mode 'strict', or method 'log_dynamic'.")
         if self.hardware_approx and self.method == "uniform":
             raise LogartError("the hardware approximation applies to log codebooks only.",
                               "drop hardware_approx or pick a log method.")

@@ -179,7 +179,7 @@ def learned_rounding(w: torch.Tensor, H: torch.Tensor, cb, params, *, source: to
                           "pass the GPTQ-updated weight of this same layer as source.")
     O, I = W.shape
     loss = QuadraticLoss(H, O, I, W.device, G)
-    soft = SoftRounding(tables, src, cb.spec.is_log, cfg.zero_segment_for(cb.spec), cfg.gamma, cfg.zeta)
+    soft = SoftRounding(tables, src, cb.log_rows(params), cfg.zero_segment_for(cb.spec), cfg.gamma, cfg.zeta)
     soft.bracket.align(tables, weight_matrix(cb.fake_quant(src.reshape(w.shape), params)))
     obj = Objective(W, soft, loss, cfg)
     V = obj.init_v()

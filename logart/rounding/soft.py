@@ -64,7 +64,12 @@ class Bracket:
     zero-segment mode the segment between 0 and the smallest level) has d = 0. `jump` marks log pairs whose
     down level is the virtual level below the smallest one: there h = 0 means 0."""
 
-    def __init__(self, tables, src: torch.Tensor, log: bool, zero_segment: str = "linear"):
+    def __init__(self, tables, src: torch.Tensor, log, zero_segment: str = "linear"):
+        linear_rows = None
+        if torch.is_tensor(log):  # a bool per codebook row (quant/union.py): False rows are uniform pairs
+            linear_rows = ~_row_mask(tables, log.to(src.device))
+            log = not bool(linear_rows.all())
+            linear_rows = linear_rows if log and bool(linear_rows.any()) else None
         self.log = log
         lo_c, hi_c = tables.neighbours(src)
         if not log:
@@ -101,6 +106,15 @@ class Bracket:
         self.has_jump, self.has_linear = bool(self.jump.any()), bool(lin.any())
         frac_log = _fraction(torch.log(src.abs()) - l_down, self.d)
         self.frac = torch.where(lin, _fraction(src.abs(), m_up), frac_log)
+        if linear_rows is not None:  # uniform rows: soft = down + h (up - down), the same formula with d = 0
+            down, up = tables.decode(lo_c), tables.decode(hi_c)
+            self.down_c, self.up_c = torch.where(linear_rows, lo_c, down_c), torch.where(linear_rows, hi_c, up_c)
+            self.d = torch.where(linear_rows, torch.zeros_like(self.d), self.d)
+            self.base = torch.where(linear_rows, down, self.base)
+            self.slope = torch.where(linear_rows, up - down, self.slope)
+            self.jump = self.jump & ~linear_rows
+            self.frac = torch.where(linear_rows, _fraction(src - down, up - down), self.frac)
+            self.has_jump, self.has_linear = bool(self.jump.any()), True
 
     def align(self, tables, nearest: torch.Tensor) -> None:
         """Move the starting fractions just enough that h >= 0.5 picks the codebook's own nearest level
@@ -114,6 +128,13 @@ class Bracket:
 
     def hard_codes(self, up: torch.Tensor) -> torch.Tensor:
         return torch.where(up, self.up_c, self.down_c)
+
+
+def _row_mask(tables, per_row: torch.Tensor) -> torch.Tensor:
+    """A bool per codebook row (output channel-major, as quant/rows.py orders them) in the weight layout [O, I]."""
+    if per_row.numel() == 1:
+        return per_row.reshape(1, 1).expand(tables.O, tables.I)
+    return tables.per_row(per_row.reshape(tables.O, tables.G).transpose(0, 1).reshape(-1))
 
 
 def _fraction(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
