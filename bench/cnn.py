@@ -108,7 +108,8 @@ def main() -> int:
                 rows.append({"model": model, "bits": bits, "act_bits": act_bits, "recipe_name": name,
                              "command": " ".join(sys.argv),
                              **{k: row[k] for k in ("top1", "top1_fp32", "agreement", "kl", "eval_inputs",
-                                                    "nsamples", "quant_seconds", "block_seconds", "peak_rss_gb")
+                                                    "nsamples", "quant_seconds", "block_seconds", "peak_rss_gb",
+                                                    "uniform_row_share")
                                 if k in row}, "recipe": row["recipe"]})
                 write_json(Path(args.out), {"environment": environment(), "rows": rows, "checks": checks(rows),
                                             "seconds": round(time.perf_counter() - t0, 1)})

@@ -62,6 +62,15 @@ def vision_recipe(name: str = "logart", bits: int = 4, group_size: int = -1, mod
     return make_recipe(name, bits=bits, group_size=group_size, mode=mode, **{**defaults, **options})
 
 
+def uniform_row_share(params: dict) -> dict:
+    """{"uniform_row_share": the fraction of rows that took the uniform grid} where a `log_or_uniform` codebook
+    quantized some layers; {} otherwise."""
+    chosen = [p.uniform for _, p in params.values() if hasattr(p, "uniform")]
+    if not chosen:
+        return {}
+    return {"uniform_row_share": round(sum(int(u.sum()) for u in chosen) / sum(u.numel() for u in chosen), 4)}
+
+
 def first_last_overrides(model: torch.nn.Module, bits: int) -> tuple[Override, ...]:
     """Rules that keep the first conv and the last linear layer at `bits` (BRECQ keeps them at 8, uniform: log
     codebooks stop at 4 bits)."""
@@ -201,6 +210,7 @@ def run_vision(recipe: Recipe, opts: VisionOptions, log=print) -> dict:
            "resumed_blocks": resumed,   # quant_seconds then counts the rest only
            **scores(reference, logits(vm.model, x_eval), labels), "peak_rss_gb": round(peak_rss_gb(), 3),
            "act_sites": len(result.activations),
+           **uniform_row_share(result.params),
            "versions": versions()}
     acts = f"A{recipe.activations.bits}" if recipe.activations.bits else ""
     log(f"{vm.name} {recipe.name} W{recipe.codebook.bits}{acts}: " + ", ".join(

@@ -11,7 +11,7 @@ from logart.quant import QuantSpec, make_codebook
 from logart.rounding.soft import SoftRounding
 from logart.rounding.tables import LayerTables
 from logart.search import search
-from logart.vision_pipeline import vision_recipe
+from logart.vision_pipeline import uniform_row_share, vision_recipe
 
 
 def _mixed_rows(seed: int = 0) -> torch.Tensor:
@@ -102,6 +102,9 @@ def test_a_tiny_cnn_quantizes_packs_and_reloads_with_log_or_uniform(tmp_path):
     result = logart.quantize(model, recipe, x, progress=False, log=None, adapter=CNN(example=x[:2]))
     uniform = [rec.extra["uniform_rows"] for rec in result.layers]
     assert all(u is not None for u in uniform) and 0 < sum(uniform) < sum(rec.shape[0] for rec in result.layers)
+    share = uniform_row_share(result.params)["uniform_row_share"]
+    assert share == round(sum(uniform) / sum(rec.shape[0] for rec in result.layers), 4)
+    assert uniform_row_share({}) == {}
     with torch.no_grad():
         expected = model(x)
     vm = VisionModel("mobilenetv2", model, None, "imagenet-photos")
