@@ -84,6 +84,12 @@ def test_soft_rounding_treats_each_row_as_its_own_codebook_does():
         assert torch.equal(union.hard_codes()[rows], pure.hard_codes())
 
 
+def test_a_single_searched_choice_is_refused_by_the_mixed_codebook():
+    cb = make_codebook(QuantSpec("log_or_uniform", 4))
+    with pytest.raises(LogartError, match="takes no single choice"):
+        cb.fit(_mixed_rows(), k=2, s=0.9)
+
+
 def test_log_or_uniform_is_strict_mode_only():
     with pytest.raises(LogartError, match="strict mode only"):
         QuantSpec("log_or_uniform", 4, mode="reference")

@@ -22,5 +22,5 @@ def make_codebook(spec: QuantSpec) -> Codebook:
 
 
 __all__ = ["Codebook", "LogCodebook", "LogParams", "METHODS", "MODES", "QuantSpec",
-           "SUPPORTED_BITS", "UniformCodebook", "UniformParams", "UnionCodebook", "UnionParams", "from_rows", "make_codebook", "pack",
-           "packed_length", "to_rows", "unpack"]
+           "SUPPORTED_BITS", "UniformCodebook", "UniformParams", "UnionCodebook", "UnionParams", "from_rows",
+           "make_codebook", "pack", "packed_length", "to_rows", "unpack"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from logart.errors import LogartError
 from logart.quant.codebook import Codebook
 from logart.quant.log import LogCodebook, LogParams
 from logart.quant.spec import QuantSpec
@@ -68,7 +69,12 @@ class UnionCodebook(Codebook):
         return 2 ** self.bits
 
     def fit_rows(self, rows: torch.Tensor, **choice) -> UnionParams:
-        """Without a search: each part's data-free fit, and per row the one of lower weight error."""
+        """Without a search: each part's data-free fit, and per row the one of lower weight error. Searched choices
+        (k, s) belong to one part each, so they are refused here rather than silently dropped."""
+        if choice:
+            raise LogartError(f"a log_or_uniform codebook takes no single choice ({', '.join(sorted(choice))}): its "
+                              "rows mix two codebooks.", "search its parts cb.log and cb.grid on the same rows and "
+                              "join them with logart.quant.union.merge (as calib/layer.py does).")
         log, grid = self.log.fit_rows(rows), self.grid.fit_rows(rows)
         err_log = (self.log.fake_quant_rows(rows, log) - rows).pow(2).sum(1)
         err_grid = (self.grid.fake_quant_rows(rows, grid) - rows).pow(2).sum(1)
@@ -91,13 +97,14 @@ class UnionCodebook(Codebook):
 
 def merge(log_found, grid_found):
     """One SearchResult from the searches of the two parts on the same rows and score: per row the lower score
-    (ties keep the log table). `k` and its histogram count the log rows only."""
+    (ties keep the log table). The baseline score and `k` stay the log search's; the k histogram counts the rows
+    that keep the log table."""
     uniform = grid_found.score.nan_to_num(nan=float("inf")) < log_found.score.nan_to_num(nan=float("inf"))
     k = log_found.k[~uniform]
     return dataclasses.replace(
         log_found, params=join(log_found.params, grid_found.params, uniform),
         score=torch.where(uniform, grid_found.score, log_found.score),
-        baseline_score=log_found.baseline_score, s=torch.where(uniform, grid_found.s, log_found.s),
+        s=torch.where(uniform, grid_found.s, log_found.s),
         exact_evals=log_found.exact_evals + grid_found.exact_evals,
         proxy_evals=log_found.proxy_evals + grid_found.proxy_evals,
         k_hist=dict(Counter(k.tolist())))

@@ -67,9 +67,8 @@ class Bracket:
     def __init__(self, tables, src: torch.Tensor, log, zero_segment: str = "linear"):
         linear_rows = None
         if torch.is_tensor(log):  # a bool per codebook row (quant/union.py): False rows are uniform pairs
-            linear_rows = ~_row_mask(tables, log.to(src.device))
-            log = not bool(linear_rows.all())
-            linear_rows = linear_rows if log and bool(linear_rows.any()) else None
+            linear = ~_row_mask(tables, log.to(src.device))
+            log, linear_rows = not bool(linear.all()), (linear if bool(linear.any()) else None)
         self.log = log
         lo_c, hi_c = tables.neighbours(src)
         if not log:
