@@ -18,6 +18,22 @@ def _write_idx(path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _keep_user_cache_clean(tmp_path_factory):
+    """Tests write their token windows into a temporary cache, not into ~/.cache/logart, where every run would leave
+    new entries behind. The user's compiled kernels and trained Fashion-MNIST models are linked in: building them
+    again would cost minutes a session. Session-wide, so that module fixtures see it too."""
+    from logart.data import cache_dir
+
+    root = tmp_path_factory.mktemp("logart-cache")
+    for shared in ("kernels", "fashion"):
+        (cache_dir() / shared).mkdir(parents=True, exist_ok=True)
+        (root / shared).symlink_to(cache_dir() / shared, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOGART_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture
 def write_idx():
     """write_idx(path, uint8 array): an idx file as Fashion-MNIST ships them (gzip)."""

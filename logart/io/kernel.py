@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from logart.data.cache import cache_dir
 from logart.quant.rows import padded_width
 
 SOURCE = Path(__file__).with_name("lut_kernel.cpp")
@@ -36,7 +37,7 @@ def _cpu_flags() -> list[str]:
 
 
 def build_dir() -> Path:
-    root = Path(os.environ.get("LOGART_CACHE", Path.home() / ".cache" / "logart"))
+    root = cache_dir()
     # The build depends on the environment's include paths too: key on the interpreter prefix, or two venvs
     # sharing the cache would rebuild the extension (about 30 s) every time the other one used it.
     key = [SOURCE.read_bytes(), " ".join(_cpu_flags() + ["omp"]).encode(), torch.__version__.encode(),

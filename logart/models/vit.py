@@ -61,7 +61,7 @@ class TimmViT(CalledOnTensors):
     def plan(self, model: nn.Module) -> list[Block]:
         proj = getattr(getattr(model, "patch_embed", None), "proj", None)
         units = _chain(model)
-        if not is_timm_vit(model):
+        if not (isinstance(proj, nn.Conv2d) and units):     # what is_timm_vit checks, without a second walk
             raise LogartError(f"{type(model).__name__} is not a timm ViT, DeiT or Swin model (no patch_embed.proj "
                               "conv followed by transformer blocks).", "pass a timm ViT, DeiT or Swin model.")
         plan = [Block("patch_embed.proj", proj, [WeightSite("patch_embed.proj", proj)], chained=False)]
