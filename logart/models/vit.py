@@ -59,11 +59,11 @@ class TimmViT(CalledOnTensors):
                 module.fused_attn = False
 
     def plan(self, model: nn.Module) -> list[Block]:
-        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-        units = _chain(model)
-        if not (isinstance(proj, nn.Conv2d) and units):     # what is_timm_vit checks, without a second walk
+        found = _patch_embed_and_chain(model)
+        if found is None:
             raise LogartError(f"{type(model).__name__} is not a timm ViT, DeiT or Swin model (no patch_embed.proj "
                               "conv followed by transformer blocks).", "pass a timm ViT, DeiT or Swin model.")
+        proj, units = found
         plan = [Block("patch_embed.proj", proj, [WeightSite("patch_embed.proj", proj)], chained=False)]
         for name, unit in units:
             sites = [WeightSite(f"{name}.{n}", m, _role(n)) for n, m in unit.named_modules() if isinstance(m, nn.Linear)]
@@ -80,7 +80,14 @@ class TimmViT(CalledOnTensors):
 
 def is_timm_vit(model: nn.Module) -> bool:
     """A timm ViT, DeiT or Swin: a patch embedding conv followed by transformer blocks (what `plan` takes)."""
-    return isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d) and bool(_chain(model))
+    return _patch_embed_and_chain(model) is not None
+
+
+def _patch_embed_and_chain(model: nn.Module) -> tuple[nn.Conv2d, list[tuple[str, nn.Module]]] | None:
+    """(patch embedding conv, chained units) of a timm ViT, DeiT or Swin; None for any other model."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    units = _chain(model) if isinstance(proj, nn.Conv2d) else []
+    return (proj, units) if units else None
 
 
 def _is_transformer_block(m: nn.Module) -> bool:
